@@ -1,0 +1,233 @@
+//! The admin socket: newline-delimited JSON requests and responses on a unix
+//! socket (mode 0660), used by the CLI.
+//!
+//! Requests: `{"cmd":"status"}` → the status document (see DESIGN.md);
+//! `{"cmd":"reload_devices"}` → re-read the registry (the CLI sends it after
+//! changing devices). Responses: `{"ok":true,"result":…}` or
+//! `{"ok":false,"error":"…"}`.
+
+use crate::registry::Registry;
+use crate::stats::IngestStats;
+use serde_json::{Value as Json, json};
+use sluice_cloud_sync::{Outbox, UplinkStatus};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// Why the admin socket could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Another daemon answers on this socket.
+    #[error("another sluice daemon is running (its admin socket {0} answers)")]
+    InUse(PathBuf),
+    /// Binding or preparing the socket failed.
+    #[error("admin socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// No daemon answers.
+    #[error("no running sluice daemon answers on {path} ({source})")]
+    NotRunning {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The daemon answered with an error or garbage.
+    #[error("admin request failed: {0}")]
+    Failed(String),
+}
+
+/// Everything `status` reports.
+pub struct AdminContext {
+    /// When the daemon started.
+    pub started: Instant,
+    /// Gateway id.
+    pub gateway_id: String,
+    /// Gateway epoch.
+    pub epoch: String,
+    /// listener name → bound address.
+    pub listeners: BTreeMap<&'static str, String>,
+    /// The outbox.
+    pub outbox: Outbox,
+    /// The uplink's figures, when a cloud is configured.
+    pub uplink: Option<Arc<UplinkStatus>>,
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// Ingest counters.
+    pub stats: Arc<IngestStats>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl AdminContext {
+    /// The status document.
+    pub async fn status(&self) -> Json {
+        let now = now_ms();
+        let outbox = match self.outbox.stats().await {
+            Ok(s) => json!({
+                "records": s.records,
+                "bytes": s.bytes,
+                "oldest_age_s": s.oldest_accepted_ms.map(|t| (now - t).max(0) / 1000),
+                "dropped": s.dropped,
+                "records_acked": s.records_acked,
+            }),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        let uplink = match &self.uplink {
+            None => json!({ "configured": false, "connected": false,
+                            "last_ack_age_s": null, "records_acked": 0 }),
+            Some(u) => json!({
+                "configured": true,
+                "connected": u.connected(),
+                "last_ack_age_s": u.last_ack_ms().map(|t| (now - t).max(0) / 1000),
+                "records_acked": u.records_acked(),
+                "error": u.last_error(),
+            }),
+        };
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "gateway": { "id": self.gateway_id, "epoch": self.epoch },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "listeners": self.listeners,
+            "outbox": outbox,
+            "uplink": uplink,
+            "devices": { "registered": self.registry.active_count(), "connected": 0 },
+            "ingest": self.stats.snapshot(),
+        })
+    }
+}
+
+/// Binds the admin socket, removing a stale one left by a killed daemon.
+///
+/// Fails when another daemon answers on it or the socket cannot be created.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let err = |source| AdminError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AdminError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves admin requests until `cancel` fires.
+pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>, cancel: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            () = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &ctx).await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, ctx: &AdminContext) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = AsyncBufReader::new(read.take(MAX_REQUEST as u64 * 16)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = if line.len() > MAX_REQUEST {
+            json!({"ok": false, "error": "request too long"})
+        } else {
+            answer(&line, ctx).await
+        };
+        let mut out = reply.to_string();
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+async fn answer(line: &str, ctx: &AdminContext) -> Json {
+    let req: Json = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    match req.get("cmd").and_then(Json::as_str) {
+        Some("status") => json!({"ok": true, "result": ctx.status().await}),
+        Some("reload_devices") => {
+            let reg = ctx.registry.clone();
+            match tokio::task::spawn_blocking(move || reg.reload()).await {
+                Ok(Ok(n)) => {
+                    tracing::info!(active = n, "device registry reloaded");
+                    json!({"ok": true, "result": {"active": n}})
+                }
+                Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
+        Some(other) => json!({"ok": false, "error": format!("unknown command {other:?}")}),
+        None => json!({"ok": false, "error": "missing \"cmd\""}),
+    }
+}
+
+/// Sends one request to a running daemon and returns its `result`
+/// (blocking; for the CLI).
+///
+/// Fails when no daemon answers, or it answers with an error.
+pub fn request(path: &Path, cmd: &str) -> Result<Json, AdminError> {
+    let not_running = |source| AdminError::NotRunning {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(not_running)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(not_running)?;
+    let mut line = json!({ "cmd": cmd }).to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(not_running)?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(not_running)?;
+    let v: Json = serde_json::from_str(&reply)
+        .map_err(|e| AdminError::Failed(format!("unreadable reply: {e}")))?;
+    if v.get("ok") == Some(&Json::Bool(true)) {
+        Ok(v.get("result").cloned().unwrap_or(Json::Null))
+    } else {
+        Err(AdminError::Failed(
+            v.get("error")
+                .and_then(Json::as_str)
+                .unwrap_or("unknown error")
+                .to_owned(),
+        ))
+    }
+}

@@ -1,0 +1,790 @@
+//! Configuration: TOML layered defaults → file → `conf.d/*.toml` beside it →
+//! environment (`SLUICE__SECTION__KEY`), deserialised into [`RawConfig`]
+//! (unknown keys refused) and validated into [`Config`], whose errors name the
+//! key: `outbox.max_bytes: "12XB" is not a size`.
+
+use serde::{Deserialize, Serialize};
+use sluice_cloud_sync::{Durability, OutboxConfig, UplinkTls, WhenFull};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/sluice.toml";
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layered sources could not be read or parsed, or hold unknown keys.
+    #[error("{0}")]
+    Load(String),
+    /// A key holds a bad value.
+    #[error("{key}: {problem}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// A byte size: an integer, or text like `"64KiB"`, `"256MiB"`, `"1GB"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Plain bytes.
+    Bytes(u64),
+    /// Text with a unit.
+    Text(String),
+}
+
+/// A duration: text like `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, or seconds
+/// as an integer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DurationValue {
+    /// Whole seconds.
+    Seconds(u64),
+    /// Text with a unit.
+    Text(String),
+}
+
+impl fmt::Display for SizeValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Bytes(b) => write!(f, "{b}"),
+            Self::Text(t) => write!(f, "{t:?}"),
+        }
+    }
+}
+
+impl fmt::Display for DurationValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Seconds(s) => write!(f, "{s}"),
+            Self::Text(t) => write!(f, "{t:?}"),
+        }
+    }
+}
+
+/// Parses a byte size; `None` when it is not one.
+pub fn parse_size(v: &SizeValue) -> Option<u64> {
+    let text = match v {
+        SizeValue::Bytes(b) => return Some(*b),
+        SizeValue::Text(t) => t.trim(),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Parses a duration; `None` when it is not one.
+pub fn parse_duration(v: &DurationValue) -> Option<Duration> {
+    let text = match v {
+        DurationValue::Seconds(s) => return Some(Duration::from_secs(*s)),
+        DurationValue::Text(t) => t.trim(),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(ms).map(Duration::from_millis)
+}
+
+/// The file's shape, before validation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// `[gateway]`
+    pub gateway: RawGateway,
+    /// `[listeners.*]`
+    pub listeners: RawListeners,
+    /// `[outbox]`
+    pub outbox: RawOutbox,
+    /// `[cloud]`; absent means offline mode.
+    pub cloud: Option<RawCloud>,
+    /// `[admin]`
+    pub admin: RawAdmin,
+    /// `[log]`
+    pub log: RawLog,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawGateway {
+    /// Gateway id; default `gw-` + the first 12 hex digits of /etc/machine-id.
+    pub id: Option<String>,
+    /// Where outbox.db, state.db and firmware/ live.
+    pub state_dir: PathBuf,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        Self {
+            id: None,
+            state_dir: PathBuf::from("/var/lib/sluice"),
+        }
+    }
+}
+
+/// `[listeners]`: a listener whose section is absent is off.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawListeners {
+    /// `[listeners.http]`
+    pub http: Option<RawHttp>,
+}
+
+/// `[listeners.http]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttp {
+    /// Address to bind; port 0 picks a free port.
+    pub bind: String,
+    /// Largest request body accepted.
+    pub max_body: SizeValue,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self {
+            bind: "0.0.0.0:8080".into(),
+            max_body: SizeValue::Text("64KiB".into()),
+        }
+    }
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOutbox {
+    /// Upper bound on stored bytes.
+    pub max_bytes: SizeValue,
+    /// Records older than this are expired.
+    pub max_age: DurationValue,
+    /// `drop_oldest` or `reject`.
+    pub when_full: String,
+    /// `power` or `process`.
+    pub durability: String,
+}
+
+impl Default for RawOutbox {
+    fn default() -> Self {
+        Self {
+            max_bytes: SizeValue::Text("256MiB".into()),
+            max_age: DurationValue::Text("7d".into()),
+            when_full: "drop_oldest".into(),
+            durability: "power".into(),
+        }
+    }
+}
+
+/// `[cloud]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCloud {
+    /// `mqtts://host[:port]` (or `mqtt://` for a broker without TLS).
+    pub url: String,
+    /// Upstream encoding: `generic`.
+    pub profile: String,
+    /// Topic prefix; `{gateway_id}` is replaced.
+    pub topic_prefix: String,
+    /// CA bundle for the broker's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (mutual TLS).
+    pub cert_file: Option<PathBuf>,
+    /// Client key (mutual TLS).
+    pub key_file: Option<PathBuf>,
+    /// MQTT client id; default the gateway id.
+    pub client_id: Option<String>,
+    /// MQTT username.
+    pub username: Option<String>,
+    /// File holding the MQTT password.
+    pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive.
+    pub keep_alive: DurationValue,
+    /// Most records per publish.
+    pub batch_max_records: usize,
+    /// Most record bytes per publish.
+    pub batch_max_bytes: SizeValue,
+    /// Most publishes awaiting PUBACK.
+    pub max_inflight: usize,
+    /// First reconnect delay.
+    pub backoff_min: DurationValue,
+    /// Longest reconnect delay.
+    pub backoff_max: DurationValue,
+    /// How long shutdown waits for outstanding PUBACKs.
+    pub shutdown_grace: DurationValue,
+}
+
+impl Default for RawCloud {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            profile: "generic".into(),
+            topic_prefix: "sluice/{gateway_id}".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            client_id: None,
+            username: None,
+            password_file: None,
+            keep_alive: DurationValue::Text("30s".into()),
+            batch_max_records: 500,
+            batch_max_bytes: SizeValue::Text("256KiB".into()),
+            max_inflight: 16,
+            backoff_min: DurationValue::Text("500ms".into()),
+            backoff_max: DurationValue::Text("60s".into()),
+            shutdown_grace: DurationValue::Text("5s".into()),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// The admin unix socket.
+    pub socket: PathBuf,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/sluice/admin.sock"),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `human` or `json`.
+    pub format: String,
+    /// A tracing filter (`info`, `sluice_agent=debug,info`…).
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "human".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// The validated HTTP listener.
+#[derive(Debug, Clone)]
+pub struct HttpListenerConfig {
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Largest body accepted, in bytes.
+    pub max_body: usize,
+}
+
+/// The validated uplink settings (the agent fills in identity at start).
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS settings, `None` for `mqtt://`.
+    pub tls: Option<UplinkTls>,
+    /// Client id.
+    pub client_id: String,
+    /// Username.
+    pub username: Option<String>,
+    /// Password file.
+    pub password_file: Option<PathBuf>,
+    /// Expanded topic prefix.
+    pub topic_prefix: String,
+    /// Keep-alive.
+    pub keep_alive: Duration,
+    /// Records per publish.
+    pub batch_max_records: usize,
+    /// Bytes per publish.
+    pub batch_max_bytes: u64,
+    /// Publishes in flight.
+    pub max_inflight: usize,
+    /// Reconnect delay bounds.
+    pub backoff: (Duration, Duration),
+    /// Shutdown grace.
+    pub shutdown_grace: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Gateway id.
+    pub gateway_id: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// HTTP listener, if on.
+    pub http: Option<HttpListenerConfig>,
+    /// Outbox bounds and policy.
+    pub outbox: OutboxConfig,
+    /// Cloud uplink, if configured.
+    pub cloud: Option<CloudConfig>,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// The effective raw configuration (for `check-config`).
+    pub raw: RawConfig,
+}
+
+impl Config {
+    /// Path of the outbox file.
+    pub fn outbox_path(&self) -> PathBuf {
+        self.state_dir.join("outbox.db")
+    }
+    /// Path of the state file.
+    pub fn state_db_path(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+}
+
+/// Loads the layered configuration from `path` (plus `conf.d/*.toml` beside
+/// it and the environment) and validates it.
+///
+/// Fails when a source cannot be read or parsed, a key is unknown, or a value
+/// is invalid; the error names the key.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let raw = load_raw(path)?;
+    validate(raw)
+}
+
+fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+    use config::{Environment, File, FileFormat};
+    if !path.exists() {
+        return Err(ConfigError::Load(format!(
+            "config file {} does not exist (use --config PATH or SLUICE_CONFIG)",
+            path.display()
+        )));
+    }
+    let mut builder = config::Config::builder()
+        .add_source(File::from(path).format(FileFormat::Toml).required(true));
+    let confd = path.parent().unwrap_or(Path::new(".")).join("conf.d");
+    if let Ok(entries) = std::fs::read_dir(&confd) {
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        for f in files {
+            builder = builder.add_source(File::from(f).format(FileFormat::Toml).required(true));
+        }
+    }
+    builder = builder.add_source(
+        Environment::with_prefix("SLUICE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true),
+    );
+    let built = builder
+        .build()
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
+    built
+        .try_deserialize::<RawConfig>()
+        .map_err(|e| ConfigError::Load(e.to_string()))
+}
+
+fn machine_gateway_id() -> Option<String> {
+    let id = std::fs::read_to_string("/etc/machine-id").ok()?;
+    let id = id.trim();
+    (id.len() >= 12 && id.is_ascii()).then(|| format!("gw-{}", &id[..12]))
+}
+
+fn valid_topic_level(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Validates a raw configuration into typed values.
+///
+/// Fails on the first invalid key, naming it.
+pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let gateway_id = match &raw.gateway.id {
+        Some(id) => id.clone(),
+        None => machine_gateway_id()
+            .ok_or_else(|| invalid("gateway.id", "not set, and /etc/machine-id cannot be read"))?,
+    };
+    if !valid_topic_level(&gateway_id) {
+        return Err(invalid(
+            "gateway.id",
+            format!("{gateway_id:?} must be 1-128 characters of A-Z a-z 0-9 - _ ."),
+        ));
+    }
+    if raw.gateway.state_dir.as_os_str().is_empty() {
+        return Err(invalid("gateway.state_dir", "must not be empty"));
+    }
+
+    let http = match &raw.listeners.http {
+        None => None,
+        Some(h) => {
+            let bind: SocketAddr = h.bind.parse().map_err(|_| {
+                invalid(
+                    "listeners.http.bind",
+                    format!("{:?} is not an address like 0.0.0.0:8080", h.bind),
+                )
+            })?;
+            let max_body = parse_size(&h.max_body).filter(|n| *n > 0).ok_or_else(|| {
+                invalid(
+                    "listeners.http.max_body",
+                    format!("{} is not a size", h.max_body),
+                )
+            })?;
+            Some(HttpListenerConfig {
+                bind,
+                max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+            })
+        }
+    };
+
+    let o = &raw.outbox;
+    let max_bytes = parse_size(&o.max_bytes)
+        .filter(|n| *n >= 4096)
+        .ok_or_else(|| {
+            invalid(
+                "outbox.max_bytes",
+                format!("{} is not a size of at least 4KiB", o.max_bytes),
+            )
+        })?;
+    let max_age = parse_duration(&o.max_age)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            invalid(
+                "outbox.max_age",
+                format!("{} is not a duration like \"7d\"", o.max_age),
+            )
+        })?;
+    let when_full = match o.when_full.as_str() {
+        "drop_oldest" => WhenFull::DropOldest,
+        "reject" => WhenFull::Reject,
+        other => {
+            return Err(invalid(
+                "outbox.when_full",
+                format!("{other:?} is not \"drop_oldest\" or \"reject\""),
+            ));
+        }
+    };
+    let durability = match o.durability.as_str() {
+        "power" => Durability::Power,
+        "process" => Durability::Process,
+        other => {
+            return Err(invalid(
+                "outbox.durability",
+                format!("{other:?} is not \"power\" or \"process\""),
+            ));
+        }
+    };
+
+    let cloud = match &raw.cloud {
+        None => None,
+        Some(c) => Some(validate_cloud(c, &gateway_id)?),
+    };
+
+    if raw.admin.socket.as_os_str().is_empty() {
+        return Err(invalid("admin.socket", "must not be empty"));
+    }
+    let log_format = match raw.log.format.as_str() {
+        "human" => LogFormat::Human,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(invalid(
+                "log.format",
+                format!("{other:?} is not \"human\" or \"json\""),
+            ));
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        return Err(invalid(
+            "log.level",
+            format!("{:?} is not a log filter", raw.log.level),
+        ));
+    }
+
+    Ok(Config {
+        gateway_id,
+        state_dir: raw.gateway.state_dir.clone(),
+        http,
+        outbox: OutboxConfig {
+            max_bytes,
+            max_age,
+            when_full,
+            durability,
+        },
+        cloud,
+        admin_socket: raw.admin.socket.clone(),
+        log_format,
+        log_level: raw.log.level.clone(),
+        raw,
+    })
+}
+
+fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigError> {
+    let (scheme, rest) = c.url.split_once("://").ok_or_else(|| {
+        invalid(
+            "cloud.url",
+            format!("{:?} is not a URL like mqtts://broker:8883", c.url),
+        )
+    })?;
+    let tls = match scheme {
+        "mqtts" => true,
+        "mqtt" => false,
+        other => {
+            return Err(invalid(
+                "cloud.url",
+                format!("scheme {other:?} is not mqtts or mqtt"),
+            ));
+        }
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.contains('@') {
+        return Err(invalid(
+            "cloud.url",
+            "credentials do not belong in the URL: use cloud.username and cloud.password_file",
+        ));
+    }
+    if hostport.contains('/') || hostport.is_empty() {
+        return Err(invalid(
+            "cloud.url",
+            format!("{:?} must be scheme://host[:port] with no path", c.url),
+        ));
+    }
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            let port: u16 = p
+                .parse()
+                .map_err(|_| invalid("cloud.url", format!("{p:?} is not a port number")))?;
+            (
+                h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                port,
+            )
+        }
+        _ => (hostport.to_owned(), if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err(invalid("cloud.url", "host is empty"));
+    }
+    if c.profile != "generic" {
+        return Err(invalid(
+            "cloud.profile",
+            format!(
+                "{:?} is not available in this build (only \"generic\"; the thingsboard profile is not built yet)",
+                c.profile
+            ),
+        ));
+    }
+    let topic_prefix = c.topic_prefix.replace("{gateway_id}", gateway_id);
+    if topic_prefix.is_empty() || topic_prefix.contains(['+', '#']) || topic_prefix.ends_with('/') {
+        return Err(invalid(
+            "cloud.topic_prefix",
+            format!("{topic_prefix:?} must be a topic without wildcards or a trailing /"),
+        ));
+    }
+    let tls = if tls {
+        let ca_file = c
+            .ca_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+        let client_cert = match (&c.cert_file, &c.key_file) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "cloud.key_file",
+                    "cloud.cert_file needs a key_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "cloud.cert_file",
+                    "cloud.key_file needs a cert_file",
+                ));
+            }
+        };
+        Some(UplinkTls {
+            ca_file,
+            client_cert,
+        })
+    } else {
+        if c.cert_file.is_some() || c.key_file.is_some() {
+            return Err(invalid(
+                "cloud.cert_file",
+                "a client certificate needs an mqtts:// URL",
+            ));
+        }
+        None
+    };
+    if c.password_file.is_some() && c.username.is_none() {
+        return Err(invalid(
+            "cloud.username",
+            "cloud.password_file needs a username",
+        ));
+    }
+    let dur = |key: &'static str, v: &DurationValue| {
+        parse_duration(v).ok_or_else(|| invalid(key, format!("{v} is not a duration")))
+    };
+    let keep_alive = dur("cloud.keep_alive", &c.keep_alive)?;
+    if keep_alive < Duration::from_secs(5) {
+        return Err(invalid("cloud.keep_alive", "must be at least 5s"));
+    }
+    let backoff_min = dur("cloud.backoff_min", &c.backoff_min)?;
+    let backoff_max = dur("cloud.backoff_max", &c.backoff_max)?;
+    if backoff_min.is_zero() || backoff_max < backoff_min {
+        return Err(invalid(
+            "cloud.backoff_max",
+            "backoff_min must be > 0 and backoff_max >= backoff_min",
+        ));
+    }
+    if c.batch_max_records == 0 || c.batch_max_records > 100_000 {
+        return Err(invalid("cloud.batch_max_records", "must be 1..=100000"));
+    }
+    let batch_max_bytes = parse_size(&c.batch_max_bytes)
+        .filter(|n| *n >= 1024)
+        .ok_or_else(|| {
+            invalid(
+                "cloud.batch_max_bytes",
+                format!("{} is not a size of at least 1KiB", c.batch_max_bytes),
+            )
+        })?;
+    if c.max_inflight == 0 || c.max_inflight > 1000 {
+        return Err(invalid("cloud.max_inflight", "must be 1..=1000"));
+    }
+    Ok(CloudConfig {
+        host,
+        port,
+        tls,
+        client_id: c.client_id.clone().unwrap_or_else(|| gateway_id.to_owned()),
+        username: c.username.clone(),
+        password_file: c.password_file.clone(),
+        topic_prefix,
+        keep_alive,
+        batch_max_records: c.batch_max_records,
+        batch_max_bytes,
+        max_inflight: c.max_inflight,
+        backoff: (backoff_min, backoff_max),
+        shutdown_grace: dur("cloud.shutdown_grace", &c.shutdown_grace)?,
+    })
+}
+
+/// The effective configuration as TOML. Secrets are only ever file paths
+/// (`cloud.password_file`), so nothing secret is printed.
+///
+/// Fails only if TOML serialisation fails.
+pub fn effective_toml(cfg: &Config) -> Result<String, toml::ser::Error> {
+    let mut raw = cfg.raw.clone();
+    raw.gateway.id = Some(cfg.gateway_id.clone());
+    toml::to_string_pretty(&raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_with_units() {
+        let s = |t: &str| parse_size(&SizeValue::Text(t.into()));
+        assert_eq!(s("64KiB"), Some(65536));
+        assert_eq!(s("256MiB"), Some(256 << 20));
+        assert_eq!(s("1GB"), Some(1_000_000_000));
+        assert_eq!(s("12XB"), None);
+        assert_eq!(s(""), None);
+        let d = |t: &str| parse_duration(&DurationValue::Text(t.into()));
+        assert_eq!(d("7d"), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(d("30"), Some(Duration::from_secs(30)));
+        assert_eq!(d("3 weeks"), None);
+    }
+
+    fn raw(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sluice.toml");
+        std::fs::write(&p, text).unwrap();
+        load(&p)
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let e = raw("[gateway]\nid = \"g\"\n[outbox]\nmax_bytes = \"12XB\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "outbox.max_bytes: \"12XB\" is not a size of at least 4KiB"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_by_name() {
+        let e = raw("[gateway]\nid = \"g\"\n[outbox]\nmax_byte = \"1MiB\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_byte"), "{e}");
+    }
+
+    #[test]
+    fn cloud_url_forms() {
+        let c = raw("[gateway]\nid = \"g1\"\n[cloud]\nurl = \"mqtts://[::1]:1234\"\n")
+            .unwrap()
+            .cloud
+            .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("::1", 1234));
+        assert_eq!(c.topic_prefix, "sluice/g1");
+        let c = raw("[gateway]\nid = \"g1\"\n[cloud]\nurl = \"mqtt://broker\"\n")
+            .unwrap()
+            .cloud
+            .unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.tls.is_none()),
+            ("broker", 1883, true)
+        );
+        let e = raw("[gateway]\nid = \"g1\"\n[cloud]\nurl = \"http://x\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("cloud.url:"), "{e}");
+    }
+}

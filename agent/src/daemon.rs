@@ -1,0 +1,243 @@
+//! The composition root: `sluice run`. Reading this function tells the whole
+//! data flow: HTTP listener → registry (auth) → ThingsBoard JSON decoder →
+//! outbox (group commit, ack after commit) → uplink (PUBACK → delete); the
+//! admin socket reads everyone's figures.
+//!
+//! Shutdown (SIGTERM/SIGINT): listeners stop accepting and finish the requests
+//! they hold (their commits complete), then the uplink waits up to
+//! `cloud.shutdown_grace` for outstanding PUBACKs, then the outbox makes its
+//! final commit. Any long-lived task that ends early is fatal: exit 1 and let
+//! systemd restart us; the state is on disk.
+
+use crate::admin::{self, AdminContext};
+use crate::config::Config;
+use crate::http::{self, HttpContext};
+use crate::registry::Registry;
+use crate::stats::IngestStats;
+use anyhow::Context;
+use sluice_cloud_sync::{Outbox, Uplink, UplinkConfig, UplinkStatus, statedb};
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How often expired records are deleted.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+/// How long listeners get to finish their requests at shutdown.
+const LISTENER_DRAIN: Duration = Duration::from_secs(10);
+
+/// How the daemon ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop, stopped cleanly.
+    Stopped,
+    /// A long-lived task ended early.
+    TaskFailed(&'static str),
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or a fatal task failure.
+///
+/// Fails at start-up when the state dir, a database, a listener or the TLS
+/// files cannot be set up.
+pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("gateway.state_dir {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o750))
+        .with_context(|| format!("gateway.state_dir {}", cfg.state_dir.display()))?;
+    let epoch = statedb::epoch(&statedb::open(&cfg.state_db_path())?)
+        .context("reading the gateway epoch")?;
+    let registry = Arc::new(Registry::load(&cfg.state_db_path())?);
+    let outbox = Outbox::open(&cfg.outbox_path(), &cfg.state_db_path(), cfg.outbox.clone())?;
+    let stats = Arc::new(IngestStats::default());
+
+    let listeners_cancel = CancellationToken::new();
+    let uplink_cancel = CancellationToken::new();
+    let (ended_tx, mut ended_rx) = mpsc::channel::<&'static str>(8);
+    let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+        let ended_tx = ended_tx.clone();
+        tokio::spawn(async move {
+            fut.await;
+            let _ = ended_tx.send(name).await;
+        })
+    };
+
+    let mut listeners = BTreeMap::new();
+    let mut listener_tasks: Vec<JoinHandle<()>> = Vec::new();
+    if let Some(h) = &cfg.http {
+        let tcp = tokio::net::TcpListener::bind(h.bind)
+            .await
+            .with_context(|| format!("listeners.http.bind {}", h.bind))?;
+        let addr = tcp.local_addr().context("listeners.http.bind")?;
+        listeners.insert("http", addr.to_string());
+        let router = http::router(Arc::new(HttpContext {
+            registry: registry.clone(),
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+            max_body: h.max_body,
+        }));
+        let cancel = listeners_cancel.clone();
+        listener_tasks.push(spawn(
+            "http listener",
+            Box::pin(async move {
+                let served = axum::serve(tcp, router)
+                    .with_graceful_shutdown(cancel.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP listener failed");
+                }
+            }),
+        ));
+    }
+
+    let mut uplink_task = None;
+    let uplink_status = match &cfg.cloud {
+        None => {
+            tracing::info!("no [cloud] configured: offline mode, records stay in the outbox");
+            None
+        }
+        Some(c) => {
+            let password = match &c.password_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("cloud.password_file {}", p.display()))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let status = Arc::new(UplinkStatus::default());
+            let uplink = Uplink::new(
+                UplinkConfig {
+                    host: c.host.clone(),
+                    port: c.port,
+                    tls: c.tls.clone(),
+                    client_id: c.client_id.clone(),
+                    credentials: c
+                        .username
+                        .clone()
+                        .map(|u| (u, password.unwrap_or_default())),
+                    topic_prefix: c.topic_prefix.clone(),
+                    keep_alive: c.keep_alive,
+                    batch_max_records: c.batch_max_records,
+                    batch_max_bytes: c.batch_max_bytes,
+                    max_inflight: c.max_inflight,
+                    backoff_min: c.backoff.0,
+                    backoff_max: c.backoff.1,
+                    shutdown_grace: c.shutdown_grace,
+                    gateway_id: cfg.gateway_id.clone(),
+                    epoch: epoch.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                },
+                outbox.clone(),
+                status.clone(),
+            )?;
+            let cancel = uplink_cancel.clone();
+            uplink_task = Some(spawn("uplink", Box::pin(uplink.run(cancel))));
+            Some(status)
+        }
+    };
+
+    let admin_listener = admin::bind(&cfg.admin_socket)?;
+    let admin_ctx = Arc::new(AdminContext {
+        started,
+        gateway_id: cfg.gateway_id.clone(),
+        epoch: epoch.clone(),
+        listeners: listeners.clone(),
+        outbox: outbox.clone(),
+        uplink: uplink_status,
+        registry: registry.clone(),
+        stats: stats.clone(),
+    });
+    let admin_task = spawn(
+        "admin socket",
+        Box::pin(admin::serve(
+            admin_listener,
+            admin_ctx,
+            listeners_cancel.clone(),
+        )),
+    );
+
+    let expiry_outbox = outbox.clone();
+    let expiry_cancel = listeners_cancel.clone();
+    let expiry_task = spawn(
+        "outbox expiry",
+        Box::pin(async move {
+            let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+            loop {
+                tokio::select! {
+                    () = expiry_cancel.cancelled() => break,
+                    _ = tick.tick() => if expiry_outbox.expire().await.is_err() { break },
+                }
+            }
+        }),
+    );
+
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        let cancel = uplink_cancel.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+                }
+            }
+        });
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        gateway = %cfg.gateway_id,
+        epoch = %epoch,
+        listeners = ?listeners,
+        admin = %cfg.admin_socket.display(),
+        ready_ms = started.elapsed().as_millis() as u64,
+        "sluice ready"
+    );
+
+    let exit = tokio::select! {
+        () = shutdown_signal() => Exit::Stopped,
+        name = ended_rx.recv() => {
+            let name = name.unwrap_or("unknown task");
+            tracing::error!(task = name, "a long-lived task ended early; exiting");
+            Exit::TaskFailed(name)
+        }
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("shutting down: stopping listeners");
+    listeners_cancel.cancel();
+    for t in listener_tasks {
+        if tokio::time::timeout(LISTENER_DRAIN, t).await.is_err() {
+            tracing::warn!("a listener did not finish its requests in time");
+        }
+    }
+    let _ = admin_task.await;
+    let _ = expiry_task.await;
+    uplink_cancel.cancel();
+    if let Some(t) = uplink_task {
+        let _ = t.await;
+    }
+    outbox.close().await;
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    tracing::info!("stopped");
+    Ok(exit)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The HTTP device listener (ThingsBoard device API over HTTP).
+//!
+//! `POST /api/v1/{token}/telemetry`: the token is checked first (401 whatever
+//! the body), the body is read up to `listeners.http.max_body` (413 past it,
+//! without buffering the excess), decoded (400 with a JSON reason), appended to
+//! the outbox, and answered 200 only after the commit. A full outbox (`reject`
+//! policy) answers 503 with `Retry-After`.
+
+use crate::registry::Registry;
+use crate::stats::{IngestResult, IngestStats, Protocol};
+use crate::tbjson;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use sluice_cloud_sync::{AppendError, Outbox};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds a device is asked to wait when the outbox is full.
+const RETRY_AFTER_S: &str = "5";
+
+/// What the handlers share.
+pub struct HttpContext {
+    /// Device registry.
+    pub registry: Arc<Registry>,
+    /// The outbox.
+    pub outbox: Outbox,
+    /// Counters.
+    pub stats: Arc<IngestStats>,
+    /// Body limit in bytes.
+    pub max_body: usize,
+}
+
+/// The router of the device HTTP API.
+pub fn router(ctx: Arc<HttpContext>) -> Router {
+    Router::new()
+        .route("/api/v1/{token}/telemetry", post(telemetry))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource") })
+        .with_state(ctx)
+}
+
+fn error(status: StatusCode, why: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": why.into() }).to_string();
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+async fn telemetry(
+    State(ctx): State<Arc<HttpContext>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let count = |r| ctx.stats.count(Protocol::Http, r);
+    let Some(device) = ctx.registry.authenticate(&token) else {
+        count(IngestResult::Unauthorized);
+        tracing::debug!("telemetry with an unknown or revoked token");
+        return error(StatusCode::UNAUTHORIZED, "unknown or revoked access token");
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        count(IngestResult::TooLarge);
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {} bytes", ctx.max_body),
+        )
+    };
+    if declared.is_some_and(|n| n > ctx.max_body as u64) {
+        tracing::debug!(%device, "body over the limit");
+        return too_large();
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("application/senml+json") {
+        count(IngestResult::BadPayload);
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "SenML is not supported by this build yet; send ThingsBoard JSON",
+        );
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, ctx.max_body).await else {
+        // Over the limit (chunked) or the client went away mid-body.
+        return too_large();
+    };
+    let records = match tbjson::decode(&bytes, &device, now_ms()) {
+        Ok(r) => r,
+        Err(e) => {
+            count(IngestResult::BadPayload);
+            tracing::debug!(%device, error = %e, "refused payload");
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    match ctx.outbox.append(&records).await {
+        Ok(_) => {
+            count(IngestResult::Ok);
+            ctx.stats.count_records(records.len());
+            StatusCode::OK.into_response()
+        }
+        Err(AppendError::Full) => {
+            count(IngestResult::Rejected);
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "outbox full, retry later");
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+            r
+        }
+        Err(AppendError::Closed) => {
+            count(IngestResult::Rejected);
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting down, retry later",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+            r
+        }
+        Err(e) => {
+            count(IngestResult::Rejected);
+            tracing::error!(%device, error = %e, "append failed");
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage error, retry later",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+            r
+        }
+    }
+}

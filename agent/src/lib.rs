@@ -1,0 +1,16 @@
+//! sluice-agent: the gateway daemon (`sluice run`) and its CLI.
+//!
+//! Data flow: device listeners ([`http`]) authenticate each request against
+//! the [`registry`], decode the payload ([`tbjson`]) and append the records to
+//! the outbox (crate `sluice-cloud-sync`), answering only after the commit;
+//! the uplink drains the outbox to the cloud. [`daemon::run`] wires it all;
+//! [`admin`] serves the CLI; [`config`] loads and validates the TOML.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod registry;
+pub mod stats;
+pub mod tbjson;

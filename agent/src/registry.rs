@@ -1,0 +1,383 @@
+//! The device registry: devices and their access tokens, in `state.db`.
+//!
+//! Tokens are stored only as SHA-256 hashes. The daemon keeps the active
+//! devices in memory (a device fleet behind one gateway is small), so
+//! authentication never touches SQLite; the CLI edits `state.db` directly and
+//! then asks a running daemon to reload, which also makes a revocation take
+//! effect at once.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sluice_cloud_sync::{DeviceName, statedb};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// state.db could not be opened.
+    #[error(transparent)]
+    State(#[from] statedb::StateDbError),
+    /// A query failed.
+    #[error("device registry in {path}: {source}")]
+    Sqlite {
+        /// state.db.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The name is not acceptable.
+    #[error("device name {0:?} must be 1-64 characters of A-Z a-z 0-9 - _ .")]
+    BadName(String),
+    /// The type is not acceptable.
+    #[error("device type {0:?} must be 1-64 characters of A-Z a-z 0-9 - _ .")]
+    BadType(String),
+    /// The token is not acceptable.
+    #[error(
+        "access token must be 1-128 printable ASCII characters without whitespace, '/', '?', '#', '+', '%'"
+    )]
+    BadToken,
+    /// The name is taken.
+    #[error("device {0:?} already exists")]
+    Exists(String),
+    /// The token is taken by another device.
+    #[error("that access token is already in use by another device")]
+    TokenInUse,
+    /// No such device.
+    #[error("no device named {0:?}")]
+    NotFound(String),
+    /// The OS random source failed.
+    #[error("cannot generate a token: {0}")]
+    Random(getrandom::Error),
+}
+
+/// A device as listed by the CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceInfo {
+    /// Name.
+    pub name: String,
+    /// Type (device profile).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Registration time, unix ms.
+    pub created_ms: i64,
+    /// Whether its token was revoked.
+    pub revoked: bool,
+}
+
+/// Checks a device name or type.
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Whether `t` is an acceptable access token (DESIGN.md: 1–128 printable
+/// ASCII characters without whitespace, `/`, `?`, `#`, `+`, `%`).
+pub fn valid_token(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && t.bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b'?' | b'#' | b'+' | b'%'))
+}
+
+/// A fresh token: 20 random URL-safe characters.
+///
+/// Fails only when the OS random source fails.
+pub fn generate_token() -> Result<String, RegistryError> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bytes = [0u8; 20];
+    getrandom::fill(&mut bytes).map_err(RegistryError::Random)?;
+    Ok(bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(b & 63)]))
+        .collect())
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Registry writes and reads against `state.db` (CLI side).
+pub struct RegistryDb {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl RegistryDb {
+    /// Opens (creating if needed) the registry in `state.db`.
+    ///
+    /// Fails when state.db cannot be opened or migrated.
+    pub fn open(state_db: &Path) -> Result<Self, RegistryError> {
+        Ok(Self {
+            path: state_db.to_owned(),
+            conn: statedb::open(state_db)?,
+        })
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> RegistryError + '_ {
+        |source| RegistryError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Registers a device; returns its token (the one given, or a generated one).
+    ///
+    /// Fails when the name, type or token is invalid, or the name or token is taken.
+    pub fn add(
+        &self,
+        name: &str,
+        kind: &str,
+        token: Option<&str>,
+    ) -> Result<String, RegistryError> {
+        if !valid_ident(name) {
+            return Err(RegistryError::BadName(name.into()));
+        }
+        if !valid_ident(kind) {
+            return Err(RegistryError::BadType(kind.into()));
+        }
+        let token = match token {
+            Some(t) if valid_token(t) => t.to_owned(),
+            Some(_) => return Err(RegistryError::BadToken),
+            None => generate_token()?,
+        };
+        let hash = token_hash(&token);
+        let exists: Option<i64> = self
+            .conn
+            .query_row("SELECT 1 FROM devices WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.sql())?;
+        if exists.is_some() {
+            return Err(RegistryError::Exists(name.into()));
+        }
+        self.insert_or_token_conflict(
+            "INSERT INTO devices (name, type, token_sha256, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![name, kind, &hash[..], now_ms()],
+        )?;
+        Ok(token)
+    }
+
+    fn insert_or_token_conflict(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+    ) -> Result<usize, RegistryError> {
+        match self.conn.execute(sql, p) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(RegistryError::TokenInUse)
+            }
+            other => other.map_err(self.sql()),
+        }
+    }
+
+    /// All devices, by name.
+    ///
+    /// Fails when the query fails.
+    pub fn list(&self) -> Result<Vec<DeviceInfo>, RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, type, created_ms, revoked FROM devices ORDER BY name")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(DeviceInfo {
+                    name: r.get(0)?,
+                    kind: r.get(1)?,
+                    created_ms: r.get(2)?,
+                    revoked: r.get::<_, i64>(3)? != 0,
+                })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// One device.
+    ///
+    /// Fails when it does not exist.
+    pub fn show(&self, name: &str) -> Result<DeviceInfo, RegistryError> {
+        self.list()?
+            .into_iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| RegistryError::NotFound(name.into()))
+    }
+
+    /// Revokes a device's token (the device stays listed, marked revoked).
+    ///
+    /// Fails when it does not exist.
+    pub fn revoke(&self, name: &str) -> Result<(), RegistryError> {
+        let n = self
+            .conn
+            .execute("UPDATE devices SET revoked = 1 WHERE name = ?1", [name])
+            .map_err(self.sql())?;
+        if n == 0 {
+            return Err(RegistryError::NotFound(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Gives a device a new generated token (and un-revokes it); returns it.
+    ///
+    /// Fails when it does not exist.
+    pub fn rotate_token(&self, name: &str) -> Result<String, RegistryError> {
+        let token = generate_token()?;
+        let n = self.insert_or_token_conflict(
+            "UPDATE devices SET token_sha256 = ?1, revoked = 0 WHERE name = ?2",
+            params![&token_hash(&token)[..], name],
+        )?;
+        if n == 0 {
+            return Err(RegistryError::NotFound(name.into()));
+        }
+        Ok(token)
+    }
+
+    /// The active devices keyed by token hash.
+    fn active(&self) -> Result<HashMap<[u8; 32], DeviceName>, RegistryError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT token_sha256, name FROM devices WHERE revoked = 0")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(self.sql())?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (hash, name) = row.map_err(self.sql())?;
+            if let Ok(h) = <[u8; 32]>::try_from(hash.as_slice()) {
+                out.insert(h, DeviceName::new(name));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The daemon's in-memory view of the active devices.
+pub struct Registry {
+    state_db: PathBuf,
+    active: RwLock<HashMap<[u8; 32], DeviceName>>,
+}
+
+impl Registry {
+    /// Loads the active devices from `state.db`.
+    ///
+    /// Fails when state.db cannot be read.
+    pub fn load(state_db: &Path) -> Result<Self, RegistryError> {
+        let active = RegistryDb::open(state_db)?.active()?;
+        Ok(Self {
+            state_db: state_db.to_owned(),
+            active: RwLock::new(active),
+        })
+    }
+
+    /// Re-reads the active devices (after the CLI changed them). Blocking:
+    /// call from a blocking thread.
+    ///
+    /// Fails when state.db cannot be read; the old view is kept then.
+    pub fn reload(&self) -> Result<usize, RegistryError> {
+        let fresh = RegistryDb::open(&self.state_db)?.active()?;
+        let n = fresh.len();
+        if let Ok(mut g) = self.active.write() {
+            *g = fresh;
+        }
+        Ok(n)
+    }
+
+    /// The device whose access token this is, if it is registered and not
+    /// revoked.
+    pub fn authenticate(&self, token: &str) -> Option<DeviceName> {
+        let hash = token_hash(token);
+        let g = self.active.read().ok()?;
+        let (stored, name) = g.get_key_value(&hash)?;
+        bool::from(stored.ct_eq(&hash)).then(|| name.clone())
+    }
+
+    /// How many devices can authenticate.
+    pub fn active_count(&self) -> usize {
+        self.active.read().map_or(0, |g| g.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_follow_the_contract() {
+        assert!(valid_token("A1_b-2.c~"));
+        for bad in ["", "a b", "a/b", "a?b", "a#b", "a+b", "a%b", "ä"] {
+            assert!(!valid_token(bad), "{bad:?}");
+        }
+        assert!(!valid_token(&"x".repeat(129)));
+        let t = generate_token().unwrap();
+        assert_eq!(t.len(), 20);
+        assert!(valid_token(&t));
+    }
+
+    #[test]
+    fn add_authenticate_revoke_rotate() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        let tok = db.add("dev-1", "sensor", None).unwrap();
+        db.add("dev-2", "sensor", Some("fixed-token")).unwrap();
+        assert!(matches!(
+            db.add("dev-1", "x", None),
+            Err(RegistryError::Exists(_))
+        ));
+        assert!(matches!(
+            db.add("dev-3", "x", Some("fixed-token")),
+            Err(RegistryError::TokenInUse)
+        ));
+        let reg = Registry::load(&p).unwrap();
+        assert_eq!(reg.authenticate(&tok).unwrap().as_str(), "dev-1");
+        assert_eq!(reg.authenticate("fixed-token").unwrap().as_str(), "dev-2");
+        assert!(reg.authenticate("nope").is_none());
+
+        db.revoke("dev-1").unwrap();
+        reg.reload().unwrap();
+        assert!(reg.authenticate(&tok).is_none());
+        assert!(db.show("dev-1").unwrap().revoked);
+
+        let tok2 = db.rotate_token("dev-1").unwrap();
+        reg.reload().unwrap();
+        assert_eq!(reg.authenticate(&tok2).unwrap().as_str(), "dev-1");
+        assert!(reg.authenticate(&tok).is_none());
+        assert!(matches!(
+            db.revoke("ghost"),
+            Err(RegistryError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn tokens_are_stored_only_as_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        RegistryDb::open(&p)
+            .unwrap()
+            .add("d", "t", Some("super-secret-token"))
+            .unwrap();
+        drop(RegistryDb::open(&p).unwrap());
+        let needle = b"super-secret-token";
+        for f in ["state.db", "state.db-wal"] {
+            let bytes = std::fs::read(dir.path().join(f)).unwrap_or_default();
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{f}");
+        }
+    }
+}

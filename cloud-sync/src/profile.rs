@@ -1,0 +1,173 @@
+//! Upstream encodings. Only the `generic` profile exists so far; the
+//! `thingsboard` gateway profile is issue 7's work and is refused by config
+//! validation until then.
+
+use crate::outbox::Leased;
+use crate::record::Value;
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+
+/// Topic names of the `generic` profile under one prefix.
+#[derive(Debug, Clone)]
+pub struct GenericTopics {
+    /// `P/telemetry`.
+    pub telemetry: String,
+    /// `P/status` (retained; also the will).
+    pub status: String,
+}
+
+impl GenericTopics {
+    /// Topics under `prefix` (already expanded, no trailing `/`).
+    pub fn new(prefix: &str) -> Self {
+        let p = prefix.trim_end_matches('/');
+        Self {
+            telemetry: format!("{p}/telemetry"),
+            status: format!("{p}/status"),
+        }
+    }
+}
+
+struct Values<'a>(&'a [(String, Value)]);
+
+impl Serialize for Values<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, &JsonValue(v))?;
+        }
+        m.end()
+    }
+}
+
+/// A value as the cloud sees it (natural JSON), unlike its stored form.
+struct JsonValue<'a>(&'a Value);
+
+impl Serialize for JsonValue<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::I64(i) => s.serialize_i64(*i),
+            Value::F64(f) => s.serialize_f64(*f),
+            Value::Str(t) => s.serialize_str(t),
+            Value::Json(j) => match serde_json::from_str::<serde_json::Value>(j) {
+                Ok(v) => v.serialize(s),
+                // Stored JSON was validated on ingest; if it is damaged, send it
+                // as text rather than lose the reading.
+                Err(_) => s.serialize_str(j),
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireRecord<'a> {
+    seq: u64,
+    device: &'a str,
+    ts: i64,
+    #[serde(skip_serializing_if = "is_true")]
+    ts_trusted: bool,
+    values: Values<'a>,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+#[derive(Serialize)]
+struct TelemetryBatch<'a> {
+    v: u8,
+    gateway: &'a str,
+    epoch: &'a str,
+    records: Vec<WireRecord<'a>>,
+}
+
+/// The `P/telemetry` payload for `leased`:
+/// `{"v":1,"gateway":ID,"epoch":E,"records":[{"seq","device","ts","values"},…]}`.
+///
+/// Fails only if serde_json fails to write (not expected: every key is text).
+pub fn telemetry_payload(
+    gateway: &str,
+    epoch: &str,
+    leased: &[Leased],
+) -> Result<Vec<u8>, serde_json::Error> {
+    let batch = TelemetryBatch {
+        v: 1,
+        gateway,
+        epoch,
+        records: leased
+            .iter()
+            .map(|l| WireRecord {
+                seq: l.seq.0,
+                device: l.record.device.as_str(),
+                ts: l.record.ts_ms,
+                ts_trusted: l.record.ts_trusted,
+                values: Values(&l.record.values),
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&batch)
+}
+
+/// The retained `P/status` payload sent on connect.
+pub fn status_online(version: &str, epoch: &str) -> Vec<u8> {
+    serde_json::json!({"state": "online", "version": version, "epoch": epoch})
+        .to_string()
+        .into_bytes()
+}
+
+/// The `P/status` payload of the MQTT will and of a clean shutdown.
+pub fn status_offline(epoch: &str) -> Vec<u8> {
+    serde_json::json!({"state": "offline", "epoch": epoch})
+        .to_string()
+        .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{DeviceName, Record, Seq};
+
+    #[test]
+    fn telemetry_payload_matches_the_generic_contract() {
+        let leased = vec![Leased {
+            seq: Seq(7),
+            accepted_ms: 1,
+            len: 10,
+            record: Record {
+                device: DeviceName::new("d1"),
+                ts_ms: 1000,
+                ts_trusted: true,
+                values: vec![
+                    ("t".into(), Value::F64(21.5)),
+                    ("on".into(), Value::Bool(true)),
+                    ("cfg".into(), Value::Json("{\"a\":1}".into())),
+                ],
+            },
+        }];
+        let v: serde_json::Value =
+            serde_json::from_slice(&telemetry_payload("gw", "e1", &leased).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"v":1,"gateway":"gw","epoch":"e1","records":[
+                {"seq":7,"device":"d1","ts":1000,"values":{"t":21.5,"on":true,"cfg":{"a":1}}}]})
+        );
+    }
+
+    #[test]
+    fn untrusted_timestamps_are_flagged() {
+        let leased = vec![Leased {
+            seq: Seq(1),
+            accepted_ms: 1,
+            len: 10,
+            record: Record {
+                device: DeviceName::new("d1"),
+                ts_ms: 5,
+                ts_trusted: false,
+                values: vec![("x".into(), Value::I64(1))],
+            },
+        }];
+        let v: serde_json::Value =
+            serde_json::from_slice(&telemetry_payload("gw", "e", &leased).unwrap()).unwrap();
+        assert_eq!(v["records"][0]["ts_trusted"], serde_json::json!(false));
+    }
+}

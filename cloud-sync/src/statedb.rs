@@ -1,0 +1,207 @@
+//! `state_dir/state.db`: the gateway's small, precious state.
+//!
+//! Schema (PRAGMA user_version = 1):
+//! - `identity(id = 1, epoch TEXT)`: the gateway epoch, random, created with the
+//!   state dir; `(gateway, epoch, seq)` names a record even across a re-flash.
+//! - `seq_mark(id = 1, next_free INTEGER)`: the seq high-water mark. Every seq
+//!   below `next_free` may have been used; the outbox reserves blocks ahead of
+//!   use and fsyncs the mark before a record with such a seq is committed, so a
+//!   lost, replaced or restored `outbox.db` never makes a seq repeat.
+//! - `devices(name, type, token_sha256, created_ms, revoked)`: the device
+//!   registry (tokens only as SHA-256 hashes), written by the agent's registry.
+//!
+//! Durability: `synchronous = FULL` in WAL mode; every write here is rare.
+//! Migrations run forward inside one transaction at open; a file whose
+//! user_version is newer than this binary knows is refused, never rewritten.
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The schema version this binary writes.
+pub const STATE_SCHEMA_VERSION: i64 = 1;
+
+/// Why state.db could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDbError {
+    /// SQLite failed on this file.
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer sluice.
+    #[error(
+        "state database {path} has schema version {found}, newer than this binary's {known}; \
+         refusing to start (run the newer sluice, or restore a backup)"
+    )]
+    NewerSchema {
+        /// The file.
+        path: PathBuf,
+        /// Its user_version.
+        found: i64,
+        /// Ours.
+        known: i64,
+    },
+    /// The OS random source failed.
+    #[error("cannot read random bytes for the gateway epoch: {0}")]
+    Random(getrandom::Error),
+}
+
+/// Opens (creating and migrating as needed) `state.db` for writing.
+///
+/// Fails when the file cannot be opened, is corrupt, or has a newer schema.
+pub fn open(path: &Path) -> Result<Connection, StateDbError> {
+    let sql = |source| StateDbError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let mut conn = Connection::open(path).map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sql)?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Opens `state.db` read-only (for CLI commands that only look).
+///
+/// Fails when the file does not exist, cannot be read, or has a newer schema.
+pub fn open_read_only(path: &Path) -> Result<Connection, StateDbError> {
+    let sql = |source| StateDbError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql)?;
+    if found > STATE_SCHEMA_VERSION {
+        return Err(StateDbError::NewerSchema {
+            path: path.to_owned(),
+            found,
+            known: STATE_SCHEMA_VERSION,
+        });
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateDbError> {
+    let sql = |source| StateDbError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let found: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql)?;
+    if found > STATE_SCHEMA_VERSION {
+        return Err(StateDbError::NewerSchema {
+            path: path.to_owned(),
+            found,
+            known: STATE_SCHEMA_VERSION,
+        });
+    }
+    if found < 1 {
+        let mut epoch = [0u8; 8];
+        getrandom::fill(&mut epoch).map_err(StateDbError::Random)?;
+        let epoch: String = epoch.iter().map(|b| format!("{b:02x}")).collect();
+        tx.execute_batch(
+            "CREATE TABLE identity (id INTEGER PRIMARY KEY CHECK (id = 1), epoch TEXT NOT NULL);
+             CREATE TABLE seq_mark (id INTEGER PRIMARY KEY CHECK (id = 1), next_free INTEGER NOT NULL);
+             INSERT INTO seq_mark (id, next_free) VALUES (1, 1);
+             CREATE TABLE devices (
+                 name TEXT PRIMARY KEY,
+                 type TEXT NOT NULL,
+                 token_sha256 BLOB NOT NULL UNIQUE,
+                 created_ms INTEGER NOT NULL,
+                 revoked INTEGER NOT NULL DEFAULT 0
+             );
+             PRAGMA user_version = 1;",
+        )
+        .map_err(sql)?;
+        tx.execute("INSERT INTO identity (id, epoch) VALUES (1, ?1)", [&epoch])
+            .map_err(sql)?;
+    }
+    tx.commit().map_err(sql)
+}
+
+/// The gateway epoch stored in state.db.
+///
+/// Fails when the identity row cannot be read.
+pub fn epoch(conn: &Connection) -> rusqlite::Result<String> {
+    conn.query_row("SELECT epoch FROM identity WHERE id = 1", [], |r| r.get(0))
+}
+
+/// The seq high-water mark: every seq below it may have been used.
+pub(crate) fn seq_mark(conn: &Connection) -> rusqlite::Result<u64> {
+    let v: Option<i64> = conn
+        .query_row("SELECT next_free FROM seq_mark WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(v.map_or(1, |v| u64::try_from(v).unwrap_or(1)))
+}
+
+/// Durably raises the seq high-water mark (never lowers it).
+pub(crate) fn raise_seq_mark(conn: &Connection, next_free: u64) -> rusqlite::Result<()> {
+    let v = i64::try_from(next_free).unwrap_or(i64::MAX);
+    conn.execute(
+        "UPDATE seq_mark SET next_free = max(next_free, ?1) WHERE id = 1",
+        params![v],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let e1 = epoch(&open(&p).unwrap()).unwrap();
+        let e2 = epoch(&open(&p).unwrap()).unwrap();
+        assert_eq!(e1, e2);
+        assert_eq!(e1.len(), 16);
+    }
+
+    #[test]
+    fn newer_schema_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        drop(open(&p).unwrap());
+        Connection::open(&p)
+            .unwrap()
+            .pragma_update(None, "user_version", 7)
+            .unwrap();
+        let err = open(&p).unwrap_err();
+        assert!(
+            matches!(err, StateDbError::NewerSchema { found: 7, .. }),
+            "{err}"
+        );
+        let v: i64 = Connection::open(&p)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 7);
+    }
+
+    #[test]
+    fn seq_mark_only_rises() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(&dir.path().join("state.db")).unwrap();
+        assert_eq!(seq_mark(&c).unwrap(), 1);
+        raise_seq_mark(&c, 500).unwrap();
+        raise_seq_mark(&c, 100).unwrap();
+        assert_eq!(seq_mark(&c).unwrap(), 500);
+    }
+}

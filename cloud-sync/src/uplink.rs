@@ -1,0 +1,460 @@
+//! The uplink: drains the outbox to the cloud MQTT broker (3.1.1, QoS 1, TLS
+//! via rustls with the ring provider).
+//!
+//! Exactness of acks: every connection uses a clean session and a fresh rumqttc
+//! event loop, so rumqttc never replays anything itself and the outbox is the
+//! only source of resends. rumqttc assigns packet ids in the order it takes
+//! requests from its channel and reports each as `Outgoing::Publish(pkid)`; we
+//! keep our publishes in a FIFO in the same order and move each to the
+//! in-flight map under that pkid when the event arrives. A PUBACK for a pkid
+//! deletes exactly the records of the publish that carried them. When the
+//! connection drops, everything in flight is forgotten and the next connection
+//! leases from the head of the outbox again (same seqs: at-least-once).
+
+use crate::outbox::{Leased, Outbox};
+use crate::profile::{self, GenericTopics};
+use crate::record::Seq;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// TLS settings of the uplink.
+#[derive(Debug, Clone)]
+pub struct UplinkTls {
+    /// PEM bundle of the CAs that may sign the broker's certificate.
+    pub ca_file: PathBuf,
+    /// Optional client certificate chain and key (PEM) for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Everything the uplink needs to know.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// Broker host name or IP (also the TLS server name).
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS, or `None` for plain MQTT (`mqtt://` URLs only).
+    pub tls: Option<UplinkTls>,
+    /// MQTT client id.
+    pub client_id: String,
+    /// MQTT username and password, if any.
+    pub credentials: Option<(String, String)>,
+    /// Topic prefix with `{gateway_id}` already expanded.
+    pub topic_prefix: String,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Most records in one publish.
+    pub batch_max_records: usize,
+    /// Most accounted record bytes in one publish.
+    pub batch_max_bytes: u64,
+    /// Most publishes awaiting PUBACK.
+    pub max_inflight: usize,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// How long shutdown waits for outstanding PUBACKs.
+    pub shutdown_grace: Duration,
+    /// The gateway id (in every batch).
+    pub gateway_id: String,
+    /// The gateway epoch (in every batch).
+    pub epoch: String,
+    /// sluice's version (in the status message).
+    pub version: String,
+}
+
+/// Why the uplink could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// A PEM file could not be read or parsed.
+    #[error("{what} {path}: {message}")]
+    Pem {
+        /// Which file it is (`cloud.ca_file`…).
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Live figures of the uplink, shared with `sluice status`.
+#[derive(Debug, Default)]
+pub struct UplinkStatus {
+    connected: AtomicBool,
+    last_ack_ms: AtomicI64,
+    records_acked: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl UplinkStatus {
+    /// Whether a broker session is up (CONNACK received).
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+    /// When the last PUBACK for telemetry arrived (unix ms), if ever.
+    pub fn last_ack_ms(&self) -> Option<i64> {
+        match self.last_ack_ms.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+    /// Records acknowledged by the broker since start.
+    pub fn records_acked(&self) -> u64 {
+        self.records_acked.load(Ordering::Relaxed)
+    }
+    /// The last connection error, if the link is down.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+}
+
+/// Builds the rustls client configuration: ring provider, TLS 1.3 and 1.2 only.
+///
+/// Fails when a PEM file cannot be read or holds no usable certificate/key,
+/// or rustls rejects the combination.
+pub fn tls_client_config(tls: &UplinkTls) -> Result<rustls::ClientConfig, UplinkError> {
+    let pem_err = |what, path: &Path, message: String| UplinkError::Pem {
+        what,
+        path: path.to_owned(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&tls.ca_file)
+        .map_err(|e| pem_err("cloud.ca_file", &tls.ca_file, e.to_string()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| pem_err("cloud.ca_file", &tls.ca_file, e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| pem_err("cloud.ca_file", &tls.ca_file, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(pem_err(
+            "cloud.ca_file",
+            &tls.ca_file,
+            "no certificate in file".into(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots);
+    Ok(match &tls.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| pem_err("cloud.cert_file", cert, e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err("cloud.cert_file", cert, e.to_string()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| pem_err("cloud.key_file", key, e.to_string()))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    })
+}
+
+enum Sent {
+    Status,
+    Batch(Vec<Seq>),
+}
+
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+/// The uplink task.
+pub struct Uplink {
+    config: UplinkConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    topics: GenericTopics,
+    outbox: Outbox,
+    status: Arc<UplinkStatus>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 4];
+    let r = if getrandom::fill(&mut b).is_ok() {
+        u32::from_le_bytes(b)
+    } else {
+        u32::MAX / 2
+    };
+    // Full jitter in [d/2, d].
+    d / 2 + d.mul_f64(f64::from(r) / f64::from(u32::MAX) / 2.0)
+}
+
+impl Uplink {
+    /// Prepares the uplink (reads the TLS files).
+    ///
+    /// Fails when the TLS configuration cannot be built.
+    pub fn new(
+        config: UplinkConfig,
+        outbox: Outbox,
+        status: Arc<UplinkStatus>,
+    ) -> Result<Self, UplinkError> {
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(tls_client_config(t)?)),
+            None => None,
+        };
+        let topics = GenericTopics::new(&config.topic_prefix);
+        Ok(Self {
+            config,
+            tls,
+            topics,
+            outbox,
+            status,
+        })
+    }
+
+    fn options(&self) -> MqttOptions {
+        let c = &self.config;
+        let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
+        o.set_clean_session(true)
+            .set_keep_alive(c.keep_alive)
+            .set_inflight(u16::try_from(c.max_inflight + 2).unwrap_or(u16::MAX))
+            .set_max_packet_size(1 << 20, 1 << 28)
+            .set_last_will(LastWill::new(
+                self.topics.status.clone(),
+                profile::status_offline(&c.epoch),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        if let Some((u, p)) = &c.credentials {
+            o.set_credentials(u.clone(), p.clone());
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        }
+        o
+    }
+
+    /// Runs until `cancel` fires: connects, drains, reconnects with capped,
+    /// jittered exponential backoff. On cancel it stops taking new records and
+    /// waits up to `shutdown_grace` for outstanding PUBACKs.
+    pub async fn run(self, cancel: CancellationToken) {
+        let span = tracing::info_span!("uplink", broker = %format!("{}:{}", self.config.host, self.config.port));
+        let _g = span.enter();
+        let mut backoff = self.config.backoff_min;
+        let mut last_warned: Option<(String, Instant)> = None;
+        loop {
+            let started = Instant::now();
+            match self.session(&cancel).await {
+                Ended::Shutdown => break,
+                Ended::Lost(err) => {
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    self.status.set_error(Some(err.clone()));
+                    let repeat = last_warned
+                        .as_ref()
+                        .is_some_and(|(e, at)| *e == err && at.elapsed() < Duration::from_secs(60));
+                    if repeat {
+                        tracing::debug!(error = %err, "cloud connection failed");
+                    } else {
+                        tracing::warn!(error = %err, retry_in = ?backoff, "cloud connection lost or refused");
+                        last_warned = Some((err, Instant::now()));
+                    }
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = self.config.backoff_min;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(jitter(backoff)) => {}
+            }
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+        self.status.connected.store(false, Ordering::Relaxed);
+    }
+
+    async fn session(&self, cancel: &CancellationToken) -> Ended {
+        let cap = self.config.max_inflight * 2 + 8;
+        let (client, mut el) = AsyncClient::new(self.options(), cap);
+        let mut pending: VecDeque<Sent> = VecDeque::new();
+        let mut inflight: HashMap<u16, Sent> = HashMap::new();
+        let mut committed = self.outbox.committed();
+        let mut cursor = Seq(0);
+        let mut connected = false;
+        let mut deadline: Option<tokio::time::Instant> = None;
+
+        loop {
+            if connected
+                && deadline.is_none()
+                && let Err(e) = self
+                    .fill(
+                        &client,
+                        &mut pending,
+                        inflight.len(),
+                        &mut cursor,
+                        &committed,
+                    )
+                    .await
+            {
+                return Ended::Lost(e);
+            }
+            if deadline.is_some() && pending.is_empty() && inflight.is_empty() {
+                self.goodbye(&client, &mut el).await;
+                return Ended::Shutdown;
+            }
+            let room = pending.len() + inflight.len() < self.config.max_inflight;
+            tokio::select! {
+                ev = el.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected = true;
+                        self.status.connected.store(true, Ordering::Relaxed);
+                        self.status.set_error(None);
+                        tracing::info!("connected to the cloud broker");
+                        let online = profile::status_online(&self.config.version, &self.config.epoch);
+                        if client.try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, online).is_ok() {
+                            pending.push_back(Sent::Status);
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(sent) = pending.pop_front() {
+                            inflight.insert(pkid, sent);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(Sent::Batch(seqs)) = inflight.remove(&ack.pkid) {
+                            let n = seqs.len() as u64;
+                            if self.outbox.ack(seqs).await.is_err() {
+                                return Ended::Shutdown;
+                            }
+                            self.status.records_acked.fetch_add(n, Ordering::Relaxed);
+                            self.status.last_ack_ms.store(now_ms(), Ordering::Relaxed);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Ended::Lost(describe(&e)),
+                },
+                r = committed.changed(), if connected && room && deadline.is_none() => {
+                    if r.is_err() {
+                        // The outbox writer is gone: nothing more to send.
+                        deadline = Some(tokio::time::Instant::now());
+                    }
+                }
+                () = cancel.cancelled(), if deadline.is_none() => {
+                    if !connected {
+                        return Ended::Shutdown;
+                    }
+                    deadline = Some(tokio::time::Instant::now() + self.config.shutdown_grace);
+                }
+                () = sleep_until_opt(deadline) => {
+                    tracing::warn!(unacked = inflight.len() + pending.len(), "shutdown grace over; unacked records stay in the outbox");
+                    return Ended::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Leases and publishes new records while the in-flight window has room.
+    async fn fill(
+        &self,
+        client: &AsyncClient,
+        pending: &mut VecDeque<Sent>,
+        inflight: usize,
+        cursor: &mut Seq,
+        committed: &tokio::sync::watch::Receiver<Seq>,
+    ) -> Result<(), String> {
+        while pending.len() + inflight < self.config.max_inflight && *committed.borrow() > *cursor {
+            let leased = self
+                .outbox
+                .lease_after(
+                    *cursor,
+                    self.config.batch_max_records,
+                    self.config.batch_max_bytes,
+                )
+                .await
+                .map_err(|e| format!("outbox read failed: {e}"))?;
+            let Some(last) = leased.last() else {
+                // Everything after the cursor was evicted or acked meanwhile.
+                *cursor = *committed.borrow();
+                break;
+            };
+            let last_seq = last.seq;
+            let payload =
+                profile::telemetry_payload(&self.config.gateway_id, &self.config.epoch, &leased)
+                    .map_err(|e| format!("cannot encode a batch: {e}"))?;
+            let seqs: Vec<Seq> = leased.iter().map(|l: &Leased| l.seq).collect();
+            client
+                .try_publish(
+                    self.topics.telemetry.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| format!("cannot queue a publish: {e}"))?;
+            pending.push_back(Sent::Batch(seqs));
+            *cursor = last_seq;
+        }
+        Ok(())
+    }
+
+    /// Publishes the offline status (the will is not sent on a clean
+    /// disconnect) and disconnects, within a short bound.
+    async fn goodbye(&self, client: &AsyncClient, el: &mut EventLoop) {
+        let offline = profile::status_offline(&self.config.epoch);
+        if client
+            .try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, offline)
+            .is_err()
+        {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut asked = false;
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) if !asked => {
+                        asked = true;
+                        let _ = client.try_disconnect();
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        self.status.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            format!("broker refused the connection: {code:?}")
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,1 @@
+//! sluice end-to-end tests; see tests/e2e.rs.
