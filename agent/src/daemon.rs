@@ -48,6 +48,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         .with_context(|| format!("gateway.state_dir {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o750))
         .with_context(|| format!("gateway.state_dir {}", cfg.state_dir.display()))?;
+    // The admin socket doubles as the single-instance guard: bind it before
+    // touching any database.
+    let admin_listener = admin::bind(&cfg.admin_socket)?;
     let epoch = statedb::epoch(&statedb::open(&cfg.state_db_path())?)
         .context("reading the gateway epoch")?;
     let registry = Arc::new(Registry::load(&cfg.state_db_path())?);
@@ -141,7 +144,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         }
     };
 
-    let admin_listener = admin::bind(&cfg.admin_socket)?;
     let admin_ctx = Arc::new(AdminContext {
         started,
         gateway_id: cfg.gateway_id.clone(),

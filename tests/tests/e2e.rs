@@ -1,1 +1,606 @@
+//! End-to-end tests of sluice against real peers: mosquitto (TLS 1.3,
+//! password auth) as the cloud, mosquitto_sub as the cloud-side consumer,
+//! curl as the devices, and the sluice binary as a real process.
 
+// Test code: a failed step is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use harness::*;
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+struct World {
+    _tmp: tempfile::TempDir,
+    pki: Pki,
+    broker: Broker,
+    observer: Option<Observer>,
+}
+
+fn world_with_broker() -> World {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(tmp.path());
+    let mut broker = Broker::new(tmp.path(), &pki, free_port());
+    broker.start();
+    let observer = Some(Observer::start(
+        &broker,
+        &pki,
+        &format!("obs-{}", broker.port),
+    ));
+    World {
+        _tmp: tmp,
+        pki,
+        broker,
+        observer,
+    }
+}
+
+impl World {
+    fn dir(&self, name: &str) -> std::path::PathBuf {
+        let d = self._tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+    fn spec(&self) -> GatewaySpec {
+        GatewaySpec {
+            cloud: Some((self.broker.port, self.pki.ca.clone())),
+            ..GatewaySpec::default()
+        }
+    }
+    fn observer(&self) -> &Observer {
+        self.observer.as_ref().unwrap()
+    }
+}
+
+fn bodies(from: i64, to: i64) -> Vec<String> {
+    (from..to).map(|n| format!("{{\"n\":{n}}}")).collect()
+}
+
+/// Asserts that for each device the `n` values strictly increase with seq.
+fn assert_order_by_seq(records: &[(u64, String, Json)]) {
+    let mut sorted = records.to_vec();
+    sorted.sort_by_key(|r| r.0);
+    sorted.dedup_by_key(|r| r.0);
+    for (dev, pairs) in by_device(&sorted) {
+        for w in pairs.windows(2) {
+            assert!(
+                w[0].1 < w[1].1,
+                "device {dev}: n {} then {} by seq",
+                w[0].1,
+                w[1].1
+            );
+        }
+    }
+}
+
+/// Asserts that a seq always names the same reading.
+fn assert_duplicates_share_seq(records: &[(u64, String, Json)]) {
+    let mut by_seq: HashMap<u64, (String, i64)> = HashMap::new();
+    let mut by_reading: HashMap<(String, i64), u64> = HashMap::new();
+    for (seq, dev, r) in records {
+        let n = r["values"]["n"].as_i64().unwrap();
+        let prev = by_seq.insert(*seq, (dev.clone(), n));
+        assert!(
+            prev.is_none() || prev == Some((dev.clone(), n)),
+            "seq {seq} carried two readings"
+        );
+        let prev = by_reading.insert((dev.clone(), n), *seq);
+        assert!(
+            prev.is_none() || prev == Some(*seq),
+            "reading {dev}/{n} arrived under two seqs"
+        );
+    }
+}
+
+#[test]
+fn thousand_readings_from_ten_devices_arrive_exactly_once_in_order() {
+    let w = world_with_broker();
+    let mut gw = Gateway::new(&w.dir("gw"), &w.spec());
+    let tokens: Vec<String> = (0..10)
+        .map(|i| gw.add_device(&format!("dev-{i}")))
+        .collect();
+    gw.start();
+
+    let clients: Vec<_> = tokens
+        .iter()
+        .map(|t| curl_posts(&gw.url(t), &bodies(0, 100)))
+        .collect();
+    for c in clients {
+        let codes = curl_codes(c);
+        assert_eq!(codes.len(), 100);
+        assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    }
+
+    wait_for(
+        "1000 records at the broker",
+        Duration::from_secs(60),
+        || w.observer().records().len() >= 1000,
+    );
+    wait_for("an empty outbox", Duration::from_secs(20), || {
+        gw.status()["outbox"]["records"] == 0
+    });
+    let recs = w.observer().records();
+    assert_eq!(recs.len(), 1000, "no duplicates without failures");
+    let seqs: BTreeSet<u64> = recs.iter().map(|r| r.0).collect();
+    assert_eq!(seqs.len(), 1000, "each seq exactly once");
+    let per_dev = by_device(&recs);
+    assert_eq!(per_dev.len(), 10);
+    for (dev, pairs) in &per_dev {
+        let ns: Vec<i64> = pairs.iter().map(|p| p.1).collect();
+        assert_eq!(ns, (0..100).collect::<Vec<_>>(), "{dev}: arrival order");
+    }
+    assert_order_by_seq(&recs);
+    // Every batch carries the gateway and its epoch.
+    let st = gw.status();
+    let epoch = st["gateway"]["epoch"].as_str().unwrap().to_owned();
+    for s in w.observer().seen() {
+        if s.topic == "sluice/gw-test/telemetry" {
+            assert_eq!(s.payload["gateway"], "gw-test");
+            assert_eq!(s.payload["epoch"], epoch.as_str());
+            assert_eq!(s.payload["v"], 1);
+        }
+    }
+    assert_eq!(st["uplink"]["connected"], true);
+    assert_eq!(st["uplink"]["records_acked"], 1000);
+    assert_eq!(st["ingest"]["messages"]["http"]["ok"], 1000);
+    assert_eq!(st["outbox"]["bytes"], 0);
+    assert!(st["uplink"]["last_ack_age_s"].as_u64().unwrap() < 60);
+    assert!(
+        w.observer()
+            .seen()
+            .iter()
+            .any(|s| s.topic == "sluice/gw-test/status" && s.payload["state"] == "online")
+    );
+
+    assert_eq!(gw.stop(), Some(0), "SIGTERM exits 0");
+    wait_for("the offline status", Duration::from_secs(10), || {
+        w.observer()
+            .seen()
+            .iter()
+            .any(|s| s.topic == "sluice/gw-test/status" && s.payload["state"] == "offline")
+    });
+    assert!(!gw.dir.join("admin.sock").exists(), "admin socket removed");
+}
+
+#[test]
+fn broker_outage_with_publishes_in_flight_loses_nothing() {
+    let mut w = world_with_broker();
+    let mut gw = Gateway::new(&w.dir("gw"), &w.spec());
+    let tokens: Vec<String> = (0..4).map(|i| gw.add_device(&format!("dev-{i}"))).collect();
+    gw.start();
+
+    // Ingest runs while the broker goes down, so publishes are in flight.
+    let first: Vec<_> = tokens
+        .iter()
+        .map(|t| curl_posts(&gw.url(t), &bodies(0, 150)))
+        .collect();
+    wait_for("some records acked", Duration::from_secs(30), || {
+        gw.status()["uplink"]["records_acked"].as_u64().unwrap() > 20
+    });
+    w.broker.stop();
+    for c in first {
+        assert!(curl_codes(c).iter().all(|c| *c == 200));
+    }
+    wait_for("the uplink to notice", Duration::from_secs(20), || {
+        gw.status()["uplink"]["connected"] == false
+    });
+    let during: Vec<_> = tokens
+        .iter()
+        .map(|t| curl_posts(&gw.url(t), &bodies(150, 300)))
+        .collect();
+    for c in during {
+        let codes = curl_codes(c);
+        assert!(
+            codes.iter().all(|c| *c == 200),
+            "ingest keeps answering 200: {codes:?}"
+        );
+    }
+    let st = gw.status();
+    assert!(st["outbox"]["records"].as_u64().unwrap() >= 600, "{st}");
+    assert!(st["outbox"]["oldest_age_s"].is_u64());
+    assert_eq!(st["outbox"]["dropped"]["full"], 0);
+
+    w.broker.start();
+    wait_for(
+        "all 1200 readings at the broker",
+        Duration::from_secs(90),
+        || {
+            let recs = w.observer().records();
+            by_device(&recs)
+                .values()
+                .map(|v| v.iter().map(|p| p.1).collect::<BTreeSet<_>>().len())
+                .sum::<usize>()
+                >= 1200
+        },
+    );
+    wait_for("an empty outbox", Duration::from_secs(30), || {
+        gw.status()["outbox"]["records"] == 0
+    });
+    let recs = w.observer().records();
+    for (dev, pairs) in by_device(&recs) {
+        let ns: BTreeSet<i64> = pairs.iter().map(|p| p.1).collect();
+        assert_eq!(ns, (0..300).collect(), "{dev}: every reading arrived");
+    }
+    assert_duplicates_share_seq(&recs);
+    assert_order_by_seq(&recs);
+    drop(w.observer.take());
+}
+
+#[test]
+fn publishes_lost_on_a_broken_link_are_sent_again_under_the_same_seq() {
+    let w = world_with_broker();
+    let link = FaultyLink::start(w.broker.port);
+    let spec = GatewaySpec {
+        cloud: Some((link.port, w.pki.ca.clone())),
+        ..GatewaySpec::default()
+    };
+    let mut gw = Gateway::new(&w.dir("gw"), &spec);
+    let tokens: Vec<String> = (0..4).map(|i| gw.add_device(&format!("dev-{i}"))).collect();
+    gw.start();
+    let clients: Vec<_> = tokens
+        .iter()
+        .map(|t| curl_posts(&gw.url(t), &bodies(0, 400)))
+        .collect();
+    wait_for("some records acked", Duration::from_secs(30), || {
+        gw.status()["uplink"]["records_acked"].as_u64().unwrap() > 50
+    });
+    // Publishes sent now vanish: the broker never sees them, no PUBACK comes.
+    link.blackhole();
+    pause(Duration::from_millis(700));
+    let acked_in_the_dark = gw.status()["uplink"]["records_acked"].as_u64().unwrap();
+    link.cut_and_heal();
+    for c in clients {
+        assert!(curl_codes(c).iter().all(|c| *c == 200));
+    }
+    wait_for(
+        "all 1600 readings at the broker",
+        Duration::from_secs(60),
+        || {
+            by_device(&w.observer().records())
+                .values()
+                .map(|v| v.iter().map(|p| p.1).collect::<BTreeSet<_>>().len())
+                .sum::<usize>()
+                >= 1600
+        },
+    );
+    wait_for("an empty outbox", Duration::from_secs(30), || {
+        gw.status()["outbox"]["records"] == 0
+    });
+    let recs = w.observer().records();
+    assert_duplicates_share_seq(&recs);
+    assert_order_by_seq(&recs);
+    eprintln!(
+        "broken link: {} records received for 1600 readings; {acked_in_the_dark} acked before the cut",
+        recs.len()
+    );
+}
+
+#[test]
+fn kill_9_twenty_times_loses_no_acknowledged_reading() {
+    let w = world_with_broker();
+    let spec = GatewaySpec {
+        http_port: free_port(),
+        ..w.spec()
+    };
+    let mut gw = Gateway::new(&w.dir("gw"), &spec);
+    let tokens: Vec<String> = (0..3).map(|i| gw.add_device(&format!("dev-{i}"))).collect();
+    let mut acked: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut rng = 0x2545_f491_u64;
+    for round in 0..20i64 {
+        gw.start();
+        let clients: Vec<_> = tokens
+            .iter()
+            .map(|t| curl_posts(&gw.url(t), &bodies(round * 1000, round * 1000 + 200)))
+            .collect();
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        pause(Duration::from_millis(30 + (rng >> 33) % 300));
+        gw.kill9();
+        for (i, c) in clients.into_iter().enumerate() {
+            for (k, code) in curl_codes(c).into_iter().enumerate() {
+                if code == 200 {
+                    acked
+                        .entry(format!("dev-{i}"))
+                        .or_default()
+                        .push(round * 1000 + k as i64);
+                }
+            }
+        }
+    }
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert!(
+        total > 100,
+        "the kills left too few acknowledged readings to mean anything: {total}"
+    );
+
+    gw.start();
+    wait_for(
+        "every acknowledged reading at the broker",
+        Duration::from_secs(120),
+        || {
+            let seen = by_device(&w.observer().records());
+            acked.iter().all(|(dev, ns)| {
+                let got: BTreeSet<i64> = seen
+                    .get(dev)
+                    .map(|v| v.iter().map(|p| p.1).collect())
+                    .unwrap_or_default();
+                ns.iter().all(|n| got.contains(n))
+            })
+        },
+    );
+    let recs = w.observer().records();
+    assert_duplicates_share_seq(&recs);
+    assert_order_by_seq(&recs);
+    eprintln!(
+        "kill -9 x20: {total} acknowledged readings, {} records received (with duplicates)",
+        recs.len()
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_are_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    let token = gw.add_device("dev-1");
+    gw.start();
+    let url = gw.url(&token);
+
+    let (code, text) = curl(&["-d", "{\"t\":1}", &gw.url("wrong-token")]);
+    assert_eq!(code, 401, "{text}");
+    // The token is checked before the body.
+    let (code, _) = curl(&["-d", "{not json", &gw.url("wrong-token")]);
+    assert_eq!(code, 401);
+
+    for (body, why) in [
+        ("{\"t\":", "not valid JSON"),
+        ("{\"t\":null}", "null is not a value"),
+        (
+            "{\"ts\":\"yesterday\",\"values\":{\"t\":1}}",
+            "must be an integer (unix milliseconds)",
+        ),
+        ("[1,2]", "expected a JSON object"),
+    ] {
+        let (code, text) = curl(&["-d", body, &url]);
+        assert_eq!(code, 400, "{body}: {text}");
+        assert!(text.contains(why), "{body}: {text}");
+        assert!(text.contains("\"error\""), "{text}");
+    }
+
+    let big = tmp.path().join("big.json");
+    std::fs::write(&big, format!("{{\"s\":\"{}\"}}", "x".repeat(70_000))).unwrap();
+    let big_arg = format!("@{}", big.display());
+    let (code, _) = curl(&["--data-binary", &big_arg, &url]);
+    assert_eq!(code, 413, "declared length over the limit");
+    let (code, _) = curl(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &big_arg,
+        &url,
+    ]);
+    assert_eq!(code, 413, "chunked body over the limit");
+
+    let (code, _) = curl(&["-d", "{\"t\":21.5}", &url]);
+    assert_eq!(code, 200, "the daemon is unaffected");
+
+    let st = gw.status();
+    let http = &st["ingest"]["messages"]["http"];
+    assert_eq!(http["unauthorized"], 2);
+    assert_eq!(http["bad_payload"], 4);
+    assert_eq!(http["too_large"], 2);
+    assert_eq!(http["ok"], 1);
+    assert_eq!(st["ingest"]["auth_failures"]["http"], 2);
+    assert_eq!(st["outbox"]["records"], 1, "bad input stored nothing");
+    assert_eq!(gw.stop(), Some(0));
+}
+
+#[test]
+fn revoked_tokens_are_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    gw.start();
+    // Registered while the daemon runs: usable at once.
+    let token = gw.add_device("dev-1");
+    assert_eq!(curl(&["-d", "{\"a\":1}", &gw.url(&token)]).0, 200);
+    let out = gw.cli(&["devices", "revoke", "dev-1"]);
+    assert!(out.status.success());
+    assert_eq!(curl(&["-d", "{\"a\":1}", &gw.url(&token)]).0, 401);
+    let out = gw.cli(&["devices", "rotate-token", "dev-1"]);
+    let fresh = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(curl(&["-d", "{\"a\":1}", &gw.url(&fresh)]).0, 200);
+    let list: Json =
+        serde_json::from_slice(&gw.cli(&["devices", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list[0]["name"], "dev-1");
+    assert_eq!(list[0]["revoked"], false);
+}
+
+#[test]
+fn outbox_bound_drop_oldest_keeps_the_newest_and_counts_drops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(tmp.path());
+    let broker_port = free_port();
+    let spec = GatewaySpec {
+        max_bytes: "4KiB".into(),
+        cloud: Some((broker_port, pki.ca.clone())),
+        ..GatewaySpec::default()
+    };
+    let gw_dir = tmp.path().join("gw");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let mut gw = Gateway::new(&gw_dir, &spec);
+    let token = gw.add_device("dev-1");
+    gw.start();
+    let codes = curl_codes(curl_posts(&gw.url(&token), &bodies(0, 300)));
+    assert!(codes.iter().all(|c| *c == 200), "drop_oldest never refuses");
+
+    let st = gw.status();
+    let kept = st["outbox"]["records"].as_u64().unwrap();
+    let dropped = st["outbox"]["dropped"]["full"].as_u64().unwrap();
+    assert!(st["outbox"]["bytes"].as_u64().unwrap() <= 4096, "{st}");
+    assert!(dropped > 0 && kept > 0);
+    assert_eq!(kept + dropped, 300, "{st}");
+    assert_eq!(st["uplink"]["connected"], false);
+    let q: Json = serde_json::from_slice(&gw.cli(&["queue", "stats", "--json"]).stdout).unwrap();
+    assert_eq!(q["records"], kept);
+    assert_eq!(q["dropped"]["full"], dropped);
+
+    // The broker comes up: exactly the newest `kept` readings arrive.
+    let mut broker = Broker::new(tmp.path(), &pki, broker_port);
+    broker.start();
+    let obs = Observer::start(&broker, &pki, "obs-drop");
+    wait_for(
+        "the kept records at the broker",
+        Duration::from_secs(60),
+        || obs.records().len() as u64 >= kept,
+    );
+    let ns: BTreeSet<i64> = obs
+        .records()
+        .iter()
+        .map(|r| r.2["values"]["n"].as_i64().unwrap())
+        .collect();
+    let newest: BTreeSet<i64> = (300 - kept as i64..300).collect();
+    assert_eq!(ns, newest, "oldest evicted first");
+}
+
+#[test]
+fn outbox_bound_reject_answers_503_with_retry_after_and_keeps_what_it_has() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = GatewaySpec {
+        max_bytes: "4KiB".into(),
+        when_full: "reject",
+        ..GatewaySpec::default()
+    };
+    let mut gw = Gateway::new(tmp.path(), &spec);
+    let token = gw.add_device("dev-1");
+    gw.start();
+    let codes = curl_codes(curl_posts(&gw.url(&token), &bodies(0, 200)));
+    let ok = codes.iter().filter(|c| **c == 200).count() as u64;
+    let refused = codes.iter().filter(|c| **c == 503).count() as u64;
+    assert_eq!(ok + refused, 200, "{codes:?}");
+    assert!(ok > 0 && refused > 0);
+    // Once full, everything after is refused (nothing is evicted).
+    let first_503 = codes.iter().position(|c| *c == 503).unwrap();
+    assert!(codes[first_503..].iter().all(|c| *c == 503));
+
+    let (code, text) = curl(&["-d", "{\"n\":1}", &gw.url(&token)]);
+    assert_eq!(code, 503);
+    assert!(
+        text.to_ascii_lowercase().contains("retry-after: 5"),
+        "{text}"
+    );
+
+    let st = gw.status();
+    assert_eq!(st["outbox"]["records"], ok);
+    assert_eq!(st["outbox"]["dropped"]["rejected"], refused + 1);
+    assert_eq!(st["outbox"]["dropped"]["full"], 0);
+    assert_eq!(st["ingest"]["messages"]["http"]["rejected"], refused + 1);
+    assert_eq!(gw.stop(), Some(0));
+
+    // Nothing corrupts: SQLite agrees, and the CLI reads the same figures stopped.
+    let db = rusqlite::Connection::open(tmp.path().join("state/outbox.db")).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows as u64, ok);
+    let q: Json = serde_json::from_slice(&gw.cli(&["queue", "stats", "--json"]).stdout).unwrap();
+    assert_eq!(q["records"], ok);
+}
+
+#[test]
+fn config_errors_exit_2_naming_the_key_and_layers_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    let base = std::fs::read_to_string(&gw.config).unwrap();
+
+    let typo = base.replace("max_bytes", "max_byte");
+    std::fs::write(&gw.config, &typo).unwrap();
+    for cmd in [&["check-config"][..], &["run"][..]] {
+        let out = gw.cli(cmd);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("max_byte"));
+    }
+
+    let bad = base.replace("max_bytes = \"64MiB\"", "max_bytes = \"12XB\"");
+    std::fs::write(&gw.config, &bad).unwrap();
+    let out = gw.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outbox.max_bytes: \"12XB\" is not a size"),
+        "{err}"
+    );
+
+    std::fs::write(&gw.config, &base).unwrap();
+    std::fs::create_dir_all(tmp.path().join("conf.d")).unwrap();
+    std::fs::write(
+        tmp.path().join("conf.d/10-age.toml"),
+        "[outbox]\nmax_age = \"2d\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(SLUICE)
+        .arg("check-config")
+        .env("SLUICE_CONFIG", &gw.config)
+        .env("SLUICE__OUTBOX__MAX_BYTES", "1GiB")
+        .env("SLUICE__OUTBOX__WHEN_FULL", "reject")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("max_bytes = \"1GiB\""),
+        "env overrides the file: {text}"
+    );
+    assert!(text.contains("when_full = \"reject\""), "{text}");
+    assert!(
+        text.contains("max_age = \"2d\""),
+        "conf.d overrides the file: {text}"
+    );
+}
+
+#[test]
+fn every_example_config_loads() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let out = std::process::Command::new(SLUICE)
+                .arg("--config")
+                .arg(&p)
+                .arg("check-config")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "configs/ holds the examples");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_admin_socket_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    gw.start();
+    let out = gw.cli(&["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another sluice daemon is running"));
+    // And a stale socket left by kill -9 does not stop a restart.
+    gw.kill9();
+    assert!(tmp.path().join("admin.sock").exists());
+    gw.start();
+    assert!(gw.status()["uptime_s"].is_u64());
+}
