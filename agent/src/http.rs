@@ -111,36 +111,28 @@ async fn telemetry(
             return error(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
+    if records.is_empty() {
+        // `{}`: the ThingsBoard SDK's connection test; nothing to store.
+        count(IngestResult::Ok);
+        return StatusCode::OK.into_response();
+    }
     match ctx.outbox.append(&records).await {
         Ok(_) => {
             count(IngestResult::Ok);
             ctx.stats.count_records(records.len());
             StatusCode::OK.into_response()
         }
-        Err(AppendError::Full) => {
-            count(IngestResult::Rejected);
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "outbox full, retry later");
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
-            r
-        }
-        Err(AppendError::Closed) => {
-            count(IngestResult::Rejected);
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting down, retry later",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
-            r
-        }
         Err(e) => {
             count(IngestResult::Rejected);
-            tracing::error!(%device, error = %e, "append failed");
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage error, retry later",
-            );
+            let why = match e {
+                AppendError::Full => "outbox full, retry later",
+                AppendError::Closed => "shutting down, retry later",
+                other => {
+                    tracing::error!(%device, error = %other, "append failed");
+                    "storage error, retry later"
+                }
+            };
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
             r

@@ -576,6 +576,9 @@ fn every_example_config_loads() {
                 .arg("--config")
                 .arg(&p)
                 .arg("check-config")
+                // The reference config leaves gateway.id to /etc/machine-id,
+                // which containers may lack.
+                .env("SLUICE__GATEWAY__ID", "gw-ci")
                 .output()
                 .unwrap();
             assert!(
@@ -603,4 +606,33 @@ fn a_second_daemon_on_the_same_admin_socket_refuses_to_start() {
     assert!(tmp.path().join("admin.sock").exists());
     gw.start();
     assert!(gw.status()["uptime_s"].is_u64());
+}
+
+#[test]
+fn systemd_hears_ready_watchdog_and_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut gw = Gateway::new(&tmp.path().join("gw"), &GatewaySpec::default());
+    gw.env = vec![
+        ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "200000".into()),
+    ];
+    gw.start();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 512];
+    while !heard.iter().any(|m: &String| m.contains("WATCHDOG=1")) {
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(heard[0].contains("READY=1"), "{heard:?}");
+    assert_eq!(gw.stop(), Some(0));
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 within 10 s");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
 }

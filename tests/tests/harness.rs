@@ -385,6 +385,8 @@ pub struct Gateway {
     pub config: PathBuf,
     child: Option<Child>,
     pub http: Option<String>,
+    /// Extra environment for `run`.
+    pub env: Vec<(String, String)>,
 }
 
 /// Settings a test varies.
@@ -411,6 +413,7 @@ impl Default for GatewaySpec {
 impl Gateway {
     /// Writes the config (the state dir is `dir/state`); `start` runs it.
     pub fn new(dir: &Path, spec: &GatewaySpec) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
         let state = dir.join("state");
         let mut text = format!(
             "[gateway]\nid = \"gw-test\"\nstate_dir = \"{}\"\n\n\
@@ -442,6 +445,7 @@ impl Gateway {
             config,
             child: None,
             http: None,
+            env: Vec::new(),
         }
     }
 
@@ -478,6 +482,7 @@ impl Gateway {
             .arg(&self.config)
             .arg("run")
             .env("SLUICE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
