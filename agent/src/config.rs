@@ -237,7 +237,7 @@ pub struct RawCloud {
     pub keep_alive: DurationValue,
     /// Most records per publish.
     pub batch_max_records: usize,
-    /// Most record bytes per publish.
+    /// Largest telemetry payload per publish.
     pub batch_max_bytes: SizeValue,
     /// Most publishes awaiting PUBACK.
     pub max_inflight: usize,
@@ -263,7 +263,7 @@ impl Default for RawCloud {
             password_file: None,
             keep_alive: DurationValue::Text("30s".into()),
             batch_max_records: 500,
-            batch_max_bytes: SizeValue::Text("256KiB".into()),
+            batch_max_bytes: SizeValue::Text("64KiB".into()),
             max_inflight: 16,
             backoff_min: DurationValue::Text("500ms".into()),
             backoff_max: DurationValue::Text("60s".into()),
@@ -337,8 +337,8 @@ pub struct CloudConfig {
     pub keep_alive: Duration,
     /// Records per publish.
     pub batch_max_records: usize,
-    /// Bytes per publish.
-    pub batch_max_bytes: u64,
+    /// Largest telemetry payload per publish.
+    pub batch_max_bytes: usize,
     /// Publishes in flight.
     pub max_inflight: usize,
     /// Reconnect delay bounds.
@@ -691,6 +691,7 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
     }
     let batch_max_bytes = parse_size(&c.batch_max_bytes)
         .filter(|n| *n >= 1024)
+        .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| {
             invalid(
                 "cloud.batch_max_bytes",

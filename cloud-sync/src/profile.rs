@@ -73,39 +73,49 @@ fn is_true(b: &bool) -> bool {
     *b
 }
 
-#[derive(Serialize)]
-struct TelemetryBatch<'a> {
-    v: u8,
-    gateway: &'a str,
-    epoch: &'a str,
-    records: Vec<WireRecord<'a>>,
-}
-
-/// The `P/telemetry` payload for `leased`:
+/// The `P/telemetry` payload for the longest prefix of `leased` whose
+/// encoding stays within `max_bytes` (always at least one record, so an
+/// oversized record still leaves):
 /// `{"v":1,"gateway":ID,"epoch":E,"records":[{"seq","device","ts","values"},…]}`.
+/// Returns the payload and how many records of `leased` it carries.
 ///
 /// Fails only if serde_json fails to write (not expected: every key is text).
 pub fn telemetry_payload(
     gateway: &str,
     epoch: &str,
     leased: &[Leased],
-) -> Result<Vec<u8>, serde_json::Error> {
-    let batch = TelemetryBatch {
-        v: 1,
-        gateway,
-        epoch,
-        records: leased
-            .iter()
-            .map(|l| WireRecord {
+    max_bytes: usize,
+) -> Result<(Vec<u8>, usize), serde_json::Error> {
+    let mut out = br#"{"v":1,"gateway":"#.to_vec();
+    serde_json::to_writer(&mut out, gateway)?;
+    out.extend_from_slice(br#","epoch":"#);
+    serde_json::to_writer(&mut out, epoch)?;
+    out.extend_from_slice(br#","records":["#);
+    let mut n = 0;
+    let mut one = Vec::new();
+    for l in leased {
+        one.clear();
+        serde_json::to_writer(
+            &mut one,
+            &WireRecord {
                 seq: l.seq.0,
                 device: l.record.device.as_str(),
                 ts: l.record.ts_ms,
                 ts_trusted: l.record.ts_trusted,
                 values: Values(&l.record.values),
-            })
-            .collect(),
-    };
-    serde_json::to_vec(&batch)
+            },
+        )?;
+        if n > 0 && out.len() + 1 + one.len() + 2 > max_bytes {
+            break;
+        }
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&one);
+        n += 1;
+    }
+    out.extend_from_slice(b"]}");
+    Ok((out, n))
 }
 
 /// The retained `P/status` payload sent on connect.
@@ -127,6 +137,39 @@ mod tests {
     use super::*;
     use crate::record::{DeviceName, Record, Seq};
 
+    fn leased(n: u64) -> Vec<Leased> {
+        (1..=n)
+            .map(|i| Leased {
+                seq: Seq(i),
+                accepted_ms: 1,
+                len: 10,
+                record: Record {
+                    device: DeviceName::new("dev"),
+                    ts_ms: 1,
+                    ts_trusted: true,
+                    values: vec![("x".into(), Value::I64(i as i64))],
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn payload_stays_within_the_byte_bound_and_says_how_many_it_carries() {
+        let all = leased(100);
+        let (full, n) = telemetry_payload("gw", "e", &all, usize::MAX).unwrap();
+        assert_eq!(n, 100);
+        let limit = full.len() / 3;
+        let (part, k) = telemetry_payload("gw", "e", &all, limit).unwrap();
+        assert!(part.len() <= limit, "{} > {limit}", part.len());
+        assert!(k > 0 && k < 100);
+        let v: serde_json::Value = serde_json::from_slice(&part).unwrap();
+        assert_eq!(v["records"].as_array().unwrap().len(), k);
+        assert_eq!(v["records"][k - 1]["seq"], k as u64);
+        // One record always leaves, even over the bound.
+        let (_, one) = telemetry_payload("gw", "e", &all, 10).unwrap();
+        assert_eq!(one, 1);
+    }
+
     #[test]
     fn telemetry_payload_matches_the_generic_contract() {
         let leased = vec![Leased {
@@ -144,8 +187,9 @@ mod tests {
                 ],
             },
         }];
-        let v: serde_json::Value =
-            serde_json::from_slice(&telemetry_payload("gw", "e1", &leased).unwrap()).unwrap();
+        let (payload, n) = telemetry_payload("gw", "e1", &leased, 1 << 16).unwrap();
+        assert_eq!(n, 1);
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"v":1,"gateway":"gw","epoch":"e1","records":[
@@ -166,8 +210,8 @@ mod tests {
                 values: vec![("x".into(), Value::I64(1))],
             },
         }];
-        let v: serde_json::Value =
-            serde_json::from_slice(&telemetry_payload("gw", "e", &leased).unwrap()).unwrap();
+        let (payload, _) = telemetry_payload("gw", "e", &leased, 1 << 16).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(v["records"][0]["ts_trusted"], serde_json::json!(false));
     }
 }

@@ -55,8 +55,9 @@ pub struct UplinkConfig {
     pub keep_alive: Duration,
     /// Most records in one publish.
     pub batch_max_records: usize,
-    /// Most accounted record bytes in one publish.
-    pub batch_max_bytes: u64,
+    /// Largest telemetry payload in one publish (at least one record is
+    /// always sent, even if it alone is larger).
+    pub batch_max_bytes: usize,
     /// Most publishes awaiting PUBACK.
     pub max_inflight: usize,
     /// First reconnect delay.
@@ -387,20 +388,24 @@ impl Uplink {
                 .lease_after(
                     *cursor,
                     self.config.batch_max_records,
-                    self.config.batch_max_bytes,
+                    self.config.batch_max_bytes as u64,
                 )
                 .await
                 .map_err(|e| format!("outbox read failed: {e}"))?;
-            let Some(last) = leased.last() else {
+            if leased.is_empty() {
                 // Everything after the cursor was evicted or acked meanwhile.
                 *cursor = *committed.borrow();
                 break;
-            };
-            let last_seq = last.seq;
-            let payload =
-                profile::telemetry_payload(&self.config.gateway_id, &self.config.epoch, &leased)
-                    .map_err(|e| format!("cannot encode a batch: {e}"))?;
-            let seqs: Vec<Seq> = leased.iter().map(|l: &Leased| l.seq).collect();
+            }
+            let (payload, n) = profile::telemetry_payload(
+                &self.config.gateway_id,
+                &self.config.epoch,
+                &leased,
+                self.config.batch_max_bytes,
+            )
+            .map_err(|e| format!("cannot encode a batch: {e}"))?;
+            let seqs: Vec<Seq> = leased[..n].iter().map(|l: &Leased| l.seq).collect();
+            let last_seq = seqs[n - 1];
             client
                 .try_publish(
                     self.topics.telemetry.clone(),

@@ -137,6 +137,8 @@ fn thousand_readings_from_ten_devices_arrive_exactly_once_in_order() {
     let epoch = st["gateway"]["epoch"].as_str().unwrap().to_owned();
     for s in w.observer().seen() {
         if s.topic == "sluice/gw-test/telemetry" {
+            // cloud.batch_max_bytes = "2KiB" in the test config.
+            assert!(s.payload.to_string().len() <= 2048);
             assert_eq!(s.payload["gateway"], "gw-test");
             assert_eq!(s.payload["epoch"], epoch.as_str());
             assert_eq!(s.payload["v"], 1);

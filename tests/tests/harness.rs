@@ -432,7 +432,7 @@ impl Gateway {
             text.push_str(&format!(
                 "\n[cloud]\nurl = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{}\"\n\
                  username = \"{}\"\npassword_file = \"{}\"\nkeep_alive = \"5s\"\n\
-                 backoff_min = \"100ms\"\nbackoff_max = \"1s\"\nbatch_max_records = 50\n",
+                 backoff_min = \"100ms\"\nbackoff_max = \"1s\"\nbatch_max_records = 50\nbatch_max_bytes = \"2KiB\"\n",
                 ca.display(),
                 GW_USER.0,
                 pw.display()
