@@ -638,3 +638,48 @@ fn systemd_hears_ready_watchdog_and_stopping() {
         }
     }
 }
+
+#[test]
+fn mutual_tls_with_a_client_certificate_reaches_the_broker() {
+    let w = world_with_broker();
+    let spec = GatewaySpec {
+        cloud: Some((w.broker.mtls_port, w.pki.ca.clone())),
+        client_cert: Some(w.pki.client_cert("gw-cert")),
+        ..GatewaySpec::default()
+    };
+    let mut gw = Gateway::new(&w.dir("gw"), &spec);
+    let token = gw.add_device("dev-1");
+    gw.start();
+    let codes = curl_codes(curl_posts(&gw.url(&token), &bodies(0, 20)));
+    assert!(codes.iter().all(|c| *c == 200));
+    wait_for("20 records via mutual TLS", Duration::from_secs(30), || {
+        w.observer().records().len() >= 20
+    });
+    assert_eq!(gw.status()["uplink"]["connected"], true);
+}
+
+#[test]
+fn a_broker_certificate_from_another_ca_is_refused_and_readings_wait() {
+    let w = world_with_broker();
+    let stranger = Pki::generate(&w.dir("other-ca"));
+    let spec = GatewaySpec {
+        cloud: Some((w.broker.port, stranger.ca.clone())),
+        ..GatewaySpec::default()
+    };
+    let mut gw = Gateway::new(&w.dir("gw"), &spec);
+    let token = gw.add_device("dev-1");
+    gw.start();
+    let codes = curl_codes(curl_posts(&gw.url(&token), &bodies(0, 10)));
+    assert!(codes.iter().all(|c| *c == 200));
+    wait_for(
+        "the uplink to report its TLS failure",
+        Duration::from_secs(20),
+        || gw.status()["uplink"]["error"].is_string(),
+    );
+    let st = gw.status();
+    assert_eq!(st["uplink"]["connected"], false);
+    let err = st["uplink"]["error"].as_str().unwrap().to_ascii_lowercase();
+    assert!(err.contains("certificate") || err.contains("tls"), "{err}");
+    assert_eq!(st["outbox"]["records"], 10);
+    assert!(w.observer().records().is_empty());
+}

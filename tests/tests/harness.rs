@@ -126,6 +126,51 @@ impl Pki {
             key: p("server.key"),
         }
     }
+
+    /// A client certificate with common name `cn`, signed by this CA.
+    pub fn client_cert(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let dir = self.ca.parent().unwrap();
+        let (key, csr, crt) = (
+            dir.join(format!("{cn}.key")),
+            dir.join(format!("{cn}.csr")),
+            dir.join(format!("{cn}.crt")),
+        );
+        // Extensions make it an X.509 v3 certificate, which rustls requires.
+        let ext = dir.join(format!("{cn}.ext"));
+        std::fs::write(&ext, "extendedKeyUsage=clientAuth\n").unwrap();
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                ])
+                .arg("-subj")
+                .arg(format!("/CN={cn}"))
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&csr),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "2", "-in"])
+                .arg(&csr)
+                .arg("-CA")
+                .arg(&self.ca)
+                .arg("-CAkey")
+                .arg(dir.join("ca.key"))
+                .arg("-CAcreateserial")
+                .arg("-extfile")
+                .arg(&ext)
+                .arg("-out")
+                .arg(&crt),
+        );
+        (crt, key)
+    }
 }
 
 fn mosquitto_bin() -> &'static str {
@@ -140,6 +185,9 @@ fn mosquitto_bin() -> &'static str {
 /// persistence (so a SIGTERM restart keeps queued messages).
 pub struct Broker {
     pub port: u16,
+    /// A second TLS listener that requires a client certificate and takes
+    /// the certificate's CN as the username (no password).
+    pub mtls_port: u16,
     conf: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -176,6 +224,14 @@ impl Broker {
             pki.cert.display(),
             pki.key.display()
         );
+        let mtls_port = free_port();
+        text.push_str(&format!(
+            "listener {mtls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate true\nuse_identity_as_username true\n",
+            pki.ca.display(),
+            pki.cert.display(),
+            pki.key.display()
+        ));
         if Command::new("id")
             .arg("-u")
             .output()
@@ -186,6 +242,7 @@ impl Broker {
         std::fs::write(&conf, text).unwrap();
         Self {
             port,
+            mtls_port,
             conf,
             log: dir.join("mosquitto.log"),
             child: None,
@@ -397,6 +454,9 @@ pub struct GatewaySpec {
     pub when_full: &'static str,
     /// (broker port, CA file) or None for offline mode.
     pub cloud: Option<(u16, PathBuf)>,
+    /// Authenticate to the broker with this certificate and key instead of
+    /// a password.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for GatewaySpec {
@@ -406,6 +466,7 @@ impl Default for GatewaySpec {
             max_bytes: "64MiB".into(),
             when_full: "drop_oldest",
             cloud: None,
+            client_cert: None,
         }
     }
 }
@@ -427,16 +488,28 @@ impl Gateway {
             dir.join("admin.sock").display()
         );
         if let Some((port, ca)) = &spec.cloud {
-            let pw = dir.join("cloud-password");
-            std::fs::write(&pw, format!("{}\n", GW_USER.1)).unwrap();
             text.push_str(&format!(
                 "\n[cloud]\nurl = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{}\"\n\
-                 username = \"{}\"\npassword_file = \"{}\"\nkeep_alive = \"5s\"\n\
-                 backoff_min = \"100ms\"\nbackoff_max = \"1s\"\nbatch_max_records = 50\nbatch_max_bytes = \"2KiB\"\n",
-                ca.display(),
-                GW_USER.0,
-                pw.display()
+                 keep_alive = \"5s\"\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n\
+                 batch_max_records = 50\nbatch_max_bytes = \"2KiB\"\n",
+                ca.display()
             ));
+            match &spec.client_cert {
+                Some((cert, key)) => text.push_str(&format!(
+                    "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                    cert.display(),
+                    key.display()
+                )),
+                None => {
+                    let pw = dir.join("cloud-password");
+                    std::fs::write(&pw, format!("{}\n", GW_USER.1)).unwrap();
+                    text.push_str(&format!(
+                        "username = \"{}\"\npassword_file = \"{}\"\n",
+                        GW_USER.0,
+                        pw.display()
+                    ));
+                }
+            }
         }
         let config = dir.join("sluice.toml");
         std::fs::write(&config, text).unwrap();
@@ -488,16 +561,20 @@ impl Gateway {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let mut status = None;
-        wait_for(
-            "sluice to answer on its admin socket",
-            Duration::from_secs(20),
-            || {
-                status = self.try_status();
-                status.is_some()
-            },
-        );
-        let status = status.unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = self.try_status() {
+                break st;
+            }
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() || Instant::now() > end {
+                panic!(
+                    "sluice did not come up ({exited:?}); its log:\n{}",
+                    std::fs::read_to_string(self.dir.join("sluice.log")).unwrap_or_default()
+                );
+            }
+            pause(Duration::from_millis(20));
+        };
         self.http = status["listeners"]["http"].as_str().map(str::to_owned);
     }
 
