@@ -101,6 +101,18 @@ pub struct OutboxConfig {
     pub durability: Durability,
 }
 
+impl Default for OutboxConfig {
+    /// The documented defaults: 256 MiB, 7 days, `drop_oldest`, `power`.
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 << 20,
+            max_age: Duration::from_secs(7 * 86_400),
+            when_full: WhenFull::DropOldest,
+            durability: Durability::Power,
+        }
+    }
+}
+
 /// Why the outbox could not be opened or used.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
