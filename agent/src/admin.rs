@@ -81,13 +81,34 @@ impl AdminContext {
     pub async fn status(&self) -> Json {
         let now = now_ms();
         let outbox = match self.outbox.stats().await {
-            Ok(s) => json!({
-                "records": s.records,
-                "bytes": s.bytes,
-                "oldest_age_s": s.oldest_accepted_ms.map(|t| (now - t).max(0) / 1000),
-                "dropped": s.dropped,
-                "records_acked": s.records_acked,
-            }),
+            Ok(s) => {
+                let age = |t: Option<i64>| t.map(|t| (now - t).max(0) / 1000);
+                let streams: serde_json::Map<String, Json> = s
+                    .streams
+                    .iter()
+                    .map(|(name, st)| {
+                        (
+                            name.clone(),
+                            json!({
+                                "priority": st.priority,
+                                "records": st.records,
+                                "bytes": st.bytes,
+                                "oldest_age_s": age(st.oldest_accepted_ms),
+                                "dropped": st.dropped,
+                            }),
+                        )
+                    })
+                    .collect();
+                json!({
+                    "records": s.records,
+                    "bytes": s.bytes,
+                    "oldest_age_s": age(s.oldest_accepted_ms),
+                    "dropped": s.dropped,
+                    "records_acked": s.records_acked,
+                    "corrupt_set_aside": s.corrupt_set_aside,
+                    "streams": streams,
+                })
+            }
             Err(e) => json!({ "error": e.to_string() }),
         };
         let uplink = match &self.uplink {
@@ -193,16 +214,42 @@ async fn answer(line: &str, ctx: &AdminContext) -> Json {
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }
         }
+        Some("queue_check") => match ctx.outbox.check().await {
+            Ok(report) => json!({"ok": true, "result": report}),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        Some("queue_purge") => {
+            let Some(older_than_ms) = req.get("older_than_ms").and_then(Json::as_u64) else {
+                return json!({"ok": false, "error": "queue_purge needs \"older_than_ms\""});
+            };
+            let stream = req.get("stream").and_then(Json::as_str);
+            match ctx
+                .outbox
+                .purge(stream, Duration::from_millis(older_than_ms))
+                .await
+            {
+                Ok(n) => json!({"ok": true, "result": {"purged": n}}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
         Some(other) => json!({"ok": false, "error": format!("unknown command {other:?}")}),
         None => json!({"ok": false, "error": "missing \"cmd\""}),
     }
 }
 
-/// Sends one request to a running daemon and returns its `result`
+/// Sends `{"cmd": cmd}` to a running daemon and returns its `result`
 /// (blocking; for the CLI).
 ///
 /// Fails when no daemon answers, or it answers with an error.
 pub fn request(path: &Path, cmd: &str) -> Result<Json, AdminError> {
+    request_with(path, json!({ "cmd": cmd }))
+}
+
+/// Sends one request document to a running daemon and returns its `result`
+/// (blocking; for the CLI).
+///
+/// Fails when no daemon answers, or it answers with an error.
+pub fn request_with(path: &Path, req: Json) -> Result<Json, AdminError> {
     let not_running = |source| AdminError::NotRunning {
         path: path.to_owned(),
         source,
@@ -211,7 +258,7 @@ pub fn request(path: &Path, cmd: &str) -> Result<Json, AdminError> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(not_running)?;
-    let mut line = json!({ "cmd": cmd }).to_string();
+    let mut line = req.to_string();
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(not_running)?;
     let mut reply = String::new();

@@ -9,6 +9,7 @@ use crate::daemon::{self, Exit};
 use crate::registry::RegistryDb;
 use clap::{Parser, Subcommand};
 use serde_json::Value as Json;
+use sluice_cloud_sync::outbox;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -90,8 +91,35 @@ enum DevicesCmd {
 
 #[derive(Subcommand, Debug)]
 enum QueueCmd {
-    /// Records, bytes, oldest age and drops of the outbox.
+    /// Records, bytes, oldest age and drops of the outbox, per stream.
     Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the oldest records.
+    Peek {
+        /// How many.
+        #[arg(short = 'n', default_value_t = 10)]
+        n: usize,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete records accepted longer ago than DUR (e.g. 2h, 7d), counted as purged.
+    Purge {
+        /// Age, like 30m, 12h, 7d.
+        #[arg(long)]
+        older_than: String,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Run SQLite's quick_check on the outbox (a full scan); exit 1 if damaged.
+    Check {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -206,38 +234,186 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Devices(cmd) => devices(&cfg, cmd),
-        Command::Queue(QueueCmd::Stats { json }) => {
-            let path = cfg.outbox_path();
-            if !path.exists() {
-                return Err(Failure {
-                    code: 1,
-                    message: format!("no outbox at {} (has the daemon ever run?)", path.display()),
-                });
-            }
-            let st = sluice_cloud_sync::outbox::read_stats(&path)?;
+        Command::Queue(cmd) => queue(&cfg, cmd),
+    }
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn age_text(accepted_ms: Option<i64>) -> String {
+    accepted_ms.map_or("-".into(), |t| {
+        format!("{}s", (unix_now_ms() - t).max(0) / 1000)
+    })
+}
+
+fn queue(cfg: &Config, cmd: QueueCmd) -> Result<(), Failure> {
+    let path = cfg.outbox_path();
+    let need_file = || -> Result<(), Failure> {
+        if path.exists() {
+            Ok(())
+        } else {
+            Err(Failure {
+                code: 1,
+                message: format!("no outbox at {} (has the daemon ever run?)", path.display()),
+            })
+        }
+    };
+    match cmd {
+        QueueCmd::Stats { json } => {
+            need_file()?;
+            let st = outbox::read_stats(&path)?;
             if json {
-                print_json(&st)
-            } else {
-                let age = st.oldest_accepted_ms.map(|t| {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as i64);
-                    (now - t).max(0) / 1000
-                });
-                println!("records        {}", st.records);
-                println!("bytes          {}", st.bytes);
+                return print_json(&st);
+            }
+            println!("records        {}", st.records);
+            println!("bytes          {}", st.bytes);
+            println!("oldest age     {}", age_text(st.oldest_accepted_ms));
+            println!("records acked  {}", st.records_acked);
+            let drops: Vec<String> = st.dropped.iter().map(|(r, n)| format!("{r}={n}")).collect();
+            println!("dropped        {}", drops.join(" "));
+            println!();
+            println!(
+                "{:<14} {:>4} {:>10} {:>12} {:>8}  DROPPED",
+                "STREAM", "PRIO", "RECORDS", "BYTES", "OLDEST"
+            );
+            for (name, s) in &st.streams {
+                let drops: Vec<String> = s
+                    .dropped
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(r, n)| format!("{r}={n}"))
+                    .collect();
                 println!(
-                    "oldest age     {}",
-                    age.map_or("-".into(), |a| format!("{a}s"))
+                    "{name:<14} {:>4} {:>10} {:>12} {:>8}  {}",
+                    s.priority,
+                    s.records,
+                    s.bytes,
+                    age_text(s.oldest_accepted_ms),
+                    drops.join(" ")
                 );
-                println!("records acked  {}", st.records_acked);
-                let drops: Vec<String> =
-                    st.dropped.iter().map(|(r, n)| format!("{r}={n}")).collect();
-                println!("dropped        {}", drops.join(" "));
+            }
+            Ok(())
+        }
+        QueueCmd::Peek { n, stream, json } => {
+            need_file()?;
+            let rows = outbox::peek(&path, stream.as_deref(), n)?;
+            if json {
+                let v: Vec<Json> = rows
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "seq": l.seq.0,
+                            "stream": l.stream,
+                            "device": l.record.device.as_str(),
+                            "ts": l.record.ts_ms,
+                            "ts_trusted": l.record.ts_trusted,
+                            "accepted_ms": l.accepted_ms,
+                            "values": l.record.values.iter().map(|(k, v)| (k.clone(), sluice_cloud_sync::profile::value_json(v))).collect::<serde_json::Map<_, _>>(),
+                        })
+                    })
+                    .collect();
+                return print_json(&v);
+            }
+            for l in rows {
+                let values: Vec<String> = l
+                    .record
+                    .values
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", value_text(v)))
+                    .collect();
+                println!(
+                    "{:>10} {:<12} {:<20} ts={}{} age={} {}",
+                    l.seq.0,
+                    l.stream,
+                    l.record.device.as_str(),
+                    l.record.ts_ms,
+                    if l.record.ts_trusted {
+                        ""
+                    } else {
+                        " (untrusted)"
+                    },
+                    age_text(Some(l.accepted_ms)),
+                    values.join(" ")
+                );
+            }
+            Ok(())
+        }
+        QueueCmd::Purge { older_than, stream } => {
+            let older = config::parse_duration(&config::DurationValue::Text(older_than.clone()))
+                .ok_or_else(|| Failure {
+                    code: 2,
+                    message: format!(
+                        "--older-than: {older_than:?} is not a duration like 12h or 7d"
+                    ),
+                })?;
+            let req = serde_json::json!({
+                "cmd": "queue_purge",
+                "older_than_ms": u64::try_from(older.as_millis()).unwrap_or(u64::MAX),
+                "stream": stream,
+            });
+            let purged = match admin::request_with(&cfg.admin_socket, req) {
+                Ok(v) => v["purged"].as_u64().unwrap_or(0),
+                Err(admin::AdminError::NotRunning { .. }) => {
+                    need_file()?;
+                    // No daemon: this process is the outbox's only writer.
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async {
+                        let clock = std::sync::Arc::new(sluice_cloud_sync::Clock::new(cfg.clock));
+                        let o = sluice_cloud_sync::Outbox::open(
+                            &path,
+                            &cfg.state_db_path(),
+                            cfg.outbox.clone(),
+                            clock,
+                        )?;
+                        let n = o.purge(stream.as_deref(), older).await;
+                        o.close().await;
+                        Ok::<u64, Failure>(n?)
+                    })?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            println!("purged {purged} records");
+            Ok(())
+        }
+        QueueCmd::Check { json } => {
+            let report: outbox::CheckReport = match admin::request(&cfg.admin_socket, "queue_check")
+            {
+                Ok(v) => serde_json::from_value(v)?,
+                Err(admin::AdminError::NotRunning { .. }) => {
+                    need_file()?;
+                    outbox::check_file(&path)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                print_json(&report)?;
+            } else if report.ok {
+                println!("ok");
+            } else {
+                for m in &report.messages {
+                    println!("{m}");
+                }
+            }
+            if report.ok {
                 Ok(())
+            } else {
+                Err(Failure {
+                    code: 1,
+                    message: "the outbox failed SQLite's quick_check".into(),
+                })
             }
         }
     }
+}
+
+fn value_text(v: &sluice_cloud_sync::Value) -> String {
+    sluice_cloud_sync::profile::value_json(v).to_string()
 }
 
 fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {

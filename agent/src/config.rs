@@ -4,7 +4,7 @@
 //! key: `outbox.max_bytes: "12XB" is not a size`.
 
 use serde::{Deserialize, Serialize};
-use sluice_cloud_sync::{Durability, OutboxConfig, UplinkTls, WhenFull};
+use sluice_cloud_sync::{ClockMode, Durability, OutboxConfig, StreamConfig, UplinkTls, WhenFull};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -148,6 +148,8 @@ pub struct RawGateway {
     pub id: Option<String>,
     /// Where outbox.db, state.db and firmware/ live.
     pub state_dir: PathBuf,
+    /// Wall-clock trust: `auto`, `trusted` or `untrusted`.
+    pub clock: String,
 }
 
 impl Default for RawGateway {
@@ -155,6 +157,7 @@ impl Default for RawGateway {
         Self {
             id: None,
             state_dir: PathBuf::from("/var/lib/sluice"),
+            clock: "auto".into(),
         }
     }
 }
@@ -198,6 +201,8 @@ pub struct RawOutbox {
     pub when_full: String,
     /// `power` or `process`.
     pub durability: String,
+    /// `[[outbox.streams]]`: streams beyond or overriding the built-in ones.
+    pub streams: Vec<RawStream>,
 }
 
 impl Default for RawOutbox {
@@ -207,8 +212,29 @@ impl Default for RawOutbox {
             max_age: DurationValue::Text("7d".into()),
             when_full: "drop_oldest".into(),
             durability: "power".into(),
+            streams: Vec::new(),
         }
     }
+}
+
+/// `[[outbox.streams]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStream {
+    /// Stream name (A-Z a-z 0-9 - _).
+    pub name: String,
+    /// 0 (lowest) to 9 (highest).
+    pub priority: u8,
+    /// Age limit; default `outbox.max_age`.
+    #[serde(default)]
+    pub max_age: Option<DurationValue>,
+    /// Fraction of `outbox.max_bytes` this stream may fill (0 < share <= 1).
+    #[serde(default = "one")]
+    pub max_bytes_share: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// `[cloud]`
@@ -367,6 +393,8 @@ pub struct Config {
     pub http: Option<HttpListenerConfig>,
     /// Outbox bounds and policy.
     pub outbox: OutboxConfig,
+    /// Wall-clock trust.
+    pub clock: ClockMode,
     /// Cloud uplink, if configured.
     pub cloud: Option<CloudConfig>,
     /// Admin socket path.
@@ -527,6 +555,66 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
 
+    let mut streams = Vec::new();
+    for (i, st) in o.streams.iter().enumerate() {
+        if !valid_topic_level(&st.name) || st.name.len() > 64 {
+            return Err(invalid(
+                "outbox.streams.name",
+                format!(
+                    "{:?} (entry {i}) must be 1-64 characters of A-Z a-z 0-9 - _ .",
+                    st.name
+                ),
+            ));
+        }
+        if streams.iter().any(|s: &StreamConfig| s.name == st.name) {
+            return Err(invalid(
+                "outbox.streams.name",
+                format!("{:?} is configured twice", st.name),
+            ));
+        }
+        if st.priority > 9 {
+            return Err(invalid(
+                "outbox.streams.priority",
+                format!("{} (stream {:?}) must be 0-9", st.priority, st.name),
+            ));
+        }
+        if !(st.max_bytes_share > 0.0 && st.max_bytes_share <= 1.0) {
+            return Err(invalid(
+                "outbox.streams.max_bytes_share",
+                format!(
+                    "{} (stream {:?}) must be > 0 and <= 1",
+                    st.max_bytes_share, st.name
+                ),
+            ));
+        }
+        let age = match &st.max_age {
+            None => max_age,
+            Some(v) => parse_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| {
+                invalid(
+                    "outbox.streams.max_age",
+                    format!("{v} (stream {:?}) is not a duration", st.name),
+                )
+            })?,
+        };
+        streams.push(StreamConfig {
+            name: st.name.clone(),
+            priority: st.priority,
+            max_age: age,
+            max_bytes: ((max_bytes as f64) * st.max_bytes_share) as u64,
+        });
+    }
+    let clock = match raw.gateway.clock.as_str() {
+        "auto" => ClockMode::Auto,
+        "trusted" => ClockMode::Trusted,
+        "untrusted" => ClockMode::Untrusted,
+        other => {
+            return Err(invalid(
+                "gateway.clock",
+                format!("{other:?} is not \"auto\", \"trusted\" or \"untrusted\""),
+            ));
+        }
+    };
+
     let cloud = match &raw.cloud {
         None => None,
         Some(c) => Some(validate_cloud(c, &gateway_id)?),
@@ -561,7 +649,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_age,
             when_full,
             durability,
+            streams,
         },
+        clock,
         cloud,
         admin_socket: raw.admin.socket.clone(),
         log_format,
@@ -767,6 +857,26 @@ mod tests {
     fn an_unknown_key_is_refused_by_name() {
         let e = raw("[gateway]\nid = \"g\"\n[outbox]\nmax_byte = \"1MiB\"\n").unwrap_err();
         assert!(e.to_string().contains("max_byte"), "{e}");
+    }
+
+    #[test]
+    fn streams_are_validated_and_take_their_share() {
+        let c = raw(
+            "[gateway]\nid = \"g\"\n[outbox]\nmax_bytes = \"100MiB\"\n\
+             [[outbox.streams]]\nname = \"bulk\"\npriority = 1\nmax_bytes_share = 0.25\nmax_age = \"1d\"\n",
+        )
+        .unwrap();
+        let s = &c.outbox.streams[0];
+        assert_eq!(
+            (s.name.as_str(), s.priority, s.max_bytes),
+            ("bulk", 1, 25 << 20)
+        );
+        assert_eq!(s.max_age, Duration::from_secs(86_400));
+        let e = raw("[gateway]\nid = \"g\"\n[[outbox.streams]]\nname = \"x\"\npriority = 12\n")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("outbox.streams.priority:"), "{e}");
+        let e = raw("[gateway]\nid = \"g\"\nclock = \"sometimes\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("gateway.clock:"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::http::{self, HttpContext};
 use crate::registry::Registry;
 use crate::stats::IngestStats;
 use anyhow::Context;
-use sluice_cloud_sync::{Outbox, Uplink, UplinkConfig, UplinkStatus, statedb};
+use sluice_cloud_sync::{Clock, Outbox, Uplink, UplinkConfig, UplinkStatus, statedb};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -24,8 +24,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How often expired records are deleted.
-const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the outbox expires old records, checkpoints its WAL and gives
+/// free pages back.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the wall clock's trust is re-checked.
+const CLOCK_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// How long listeners get to finish their requests at shutdown.
 const LISTENER_DRAIN: Duration = Duration::from_secs(10);
 
@@ -54,7 +57,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let epoch = statedb::epoch(&statedb::open(&cfg.state_db_path())?)
         .context("reading the gateway epoch")?;
     let registry = Arc::new(Registry::load(&cfg.state_db_path())?);
-    let outbox = Outbox::open(&cfg.outbox_path(), &cfg.state_db_path(), cfg.outbox.clone())?;
+    let clock = Arc::new(Clock::new(cfg.clock));
+    if !clock.trusted() {
+        tracing::warn!(
+            "the wall clock is not trusted yet: readings without ts are sent flagged ts_trusted=false until it is"
+        );
+    }
+    let outbox = Outbox::open(
+        &cfg.outbox_path(),
+        &cfg.state_db_path(),
+        cfg.outbox.clone(),
+        clock.clone(),
+    )?;
     let stats = Arc::new(IngestStats::default());
 
     let listeners_cancel = CancellationToken::new();
@@ -80,6 +94,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             registry: registry.clone(),
             outbox: outbox.clone(),
             stats: stats.clone(),
+            clock: clock.clone(),
             max_body: h.max_body,
         }));
         let cancel = listeners_cancel.clone();
@@ -163,16 +178,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         )),
     );
 
-    let expiry_outbox = outbox.clone();
-    let expiry_cancel = listeners_cancel.clone();
-    let expiry_task = spawn(
-        "outbox expiry",
+    let upkeep_outbox = outbox.clone();
+    let upkeep_cancel = listeners_cancel.clone();
+    let upkeep_clock = clock.clone();
+    let upkeep_task = spawn(
+        "outbox upkeep",
         Box::pin(async move {
-            let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+            let mut maintain = tokio::time::interval(MAINTENANCE_INTERVAL);
+            let mut clock_check = tokio::time::interval(CLOCK_CHECK_INTERVAL);
             loop {
-                tokio::select! {
-                    () = expiry_cancel.cancelled() => break,
-                    _ = tick.tick() => if expiry_outbox.expire().await.is_err() { break },
+                let alive = tokio::select! {
+                    () = upkeep_cancel.cancelled() => break,
+                    _ = maintain.tick() => upkeep_outbox.maintain().await.is_ok(),
+                    _ = clock_check.tick() => {
+                        if upkeep_clock.refresh() {
+                            tracing::info!("the wall clock is trusted now: re-stamping queued readings");
+                            upkeep_outbox.restamp().await.is_ok()
+                        } else {
+                            true
+                        }
+                    }
+                };
+                if !alive {
+                    break;
                 }
             }
         }),
@@ -217,7 +245,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         }
     }
     let _ = admin_task.await;
-    let _ = expiry_task.await;
+    let _ = upkeep_task.await;
     uplink_cancel.cancel();
     if let Some(t) = uplink_task {
         let _ = t.await;

@@ -15,9 +15,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use sluice_cloud_sync::{AppendError, Outbox};
+use sluice_cloud_sync::{AppendError, Clock, Outbox};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds a device is asked to wait when the outbox is full.
 const RETRY_AFTER_S: &str = "5";
@@ -30,6 +29,8 @@ pub struct HttpContext {
     pub outbox: Outbox,
     /// Counters.
     pub stats: Arc<IngestStats>,
+    /// The gateway clock (receive timestamps and their trust).
+    pub clock: Arc<Clock>,
     /// Body limit in bytes.
     pub max_body: usize,
 }
@@ -53,12 +54,6 @@ fn error(status: StatusCode, why: impl Into<String>) -> Response {
         body,
     )
         .into_response()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 async fn telemetry(
@@ -103,7 +98,8 @@ async fn telemetry(
         // Over the limit (chunked) or the client went away mid-body.
         return too_large();
     };
-    let records = match tbjson::decode(&bytes, &device, now_ms()) {
+    let now = ctx.clock.now();
+    let records = match tbjson::decode(&bytes, &device, now.wall_ms, now.trusted) {
         Ok(r) => r,
         Err(e) => {
             count(IngestResult::BadPayload);

@@ -28,13 +28,19 @@ fn shape(msg: impl Into<String>) -> PayloadError {
 }
 
 /// Decodes one telemetry message of `device`; readings without `ts` get
-/// `now_ms`. An empty object (the ThingsBoard SDK's connection test) yields
+/// `now_ms`, trusted as far as `now_trusted` says (the gateway's clock);
+/// readings with their own `ts` keep it as the device's word. An empty object (the ThingsBoard SDK's connection test) yields
 /// no record.
 ///
 /// Fails on invalid JSON, on a shape other than the three above, on `null`
 /// values, a non-integer `ts`, an empty or over-long key, or too many
 /// records/keys.
-pub fn decode(body: &[u8], device: &DeviceName, now_ms: i64) -> Result<Vec<Record>, PayloadError> {
+pub fn decode(
+    body: &[u8],
+    device: &DeviceName,
+    now_ms: i64,
+    now_trusted: bool,
+) -> Result<Vec<Record>, PayloadError> {
     let json: Json =
         serde_json::from_slice(body).map_err(|e| PayloadError::Syntax(e.to_string()))?;
     let mut out = Vec::new();
@@ -48,13 +54,15 @@ pub fn decode(body: &[u8], device: &DeviceName, now_ms: i64) -> Result<Vec<Recor
             }
             for (i, item) in items.into_iter().enumerate() {
                 match item {
-                    Json::Object(map) => one(map, device, now_ms, &mut out, &mut keys)
-                        .map_err(|e| shape(format!("entry {i}: {e}")))?,
+                    Json::Object(map) => {
+                        one(map, device, (now_ms, now_trusted), &mut out, &mut keys)
+                            .map_err(|e| shape(format!("entry {i}: {e}")))?
+                    }
                     _ => return Err(shape(format!("entry {i}: expected a JSON object"))),
                 }
             }
         }
-        Json::Object(map) => one(map, device, now_ms, &mut out, &mut keys)?,
+        Json::Object(map) => one(map, device, (now_ms, now_trusted), &mut out, &mut keys)?,
         _ => return Err(shape("expected a JSON object or an array of objects")),
     }
     Ok(out)
@@ -63,26 +71,26 @@ pub fn decode(body: &[u8], device: &DeviceName, now_ms: i64) -> Result<Vec<Recor
 fn one(
     mut map: serde_json::Map<String, Json>,
     device: &DeviceName,
-    now_ms: i64,
+    (now_ms, now_trusted): (i64, bool),
     out: &mut Vec<Record>,
     keys: &mut usize,
 ) -> Result<(), PayloadError> {
-    let (ts_ms, values) = if map.len() == 2 && map.contains_key("ts") && map.contains_key("values")
-    {
-        let ts = map
-            .remove("ts")
-            .and_then(|t| t.as_i64())
-            .ok_or_else(|| shape("\"ts\" must be an integer (unix milliseconds)"))?;
-        if ts < 0 {
-            return Err(shape("\"ts\" must not be negative"));
-        }
-        match map.remove("values") {
-            Some(Json::Object(v)) => (ts, v),
-            _ => return Err(shape("\"values\" must be a JSON object")),
-        }
-    } else {
-        (now_ms, map)
-    };
+    let (ts_ms, ts_trusted, values) =
+        if map.len() == 2 && map.contains_key("ts") && map.contains_key("values") {
+            let ts = map
+                .remove("ts")
+                .and_then(|t| t.as_i64())
+                .ok_or_else(|| shape("\"ts\" must be an integer (unix milliseconds)"))?;
+            if ts < 0 {
+                return Err(shape("\"ts\" must not be negative"));
+            }
+            match map.remove("values") {
+                Some(Json::Object(v)) => (ts, true, v),
+                _ => return Err(shape("\"values\" must be a JSON object")),
+            }
+        } else {
+            (now_ms, now_trusted, map)
+        };
     if values.is_empty() {
         return Ok(());
     }
@@ -115,7 +123,7 @@ fn one(
     out.push(Record {
         device: device.clone(),
         ts_ms,
-        ts_trusted: true,
+        ts_trusted,
         values: record_values,
     });
     Ok(())
@@ -126,7 +134,7 @@ mod tests {
     use super::*;
 
     fn dec(s: &str) -> Result<Vec<Record>, PayloadError> {
-        decode(s.as_bytes(), &DeviceName::new("d"), 42)
+        decode(s.as_bytes(), &DeviceName::new("d"), 42, true)
     }
 
     #[test]
@@ -148,6 +156,14 @@ mod tests {
         assert_eq!((r[0].ts_ms, r[0].values.len()), (1000, 1));
         let r = dec(r#"[{"ts":1,"values":{"a":1}},{"b":2}]"#).unwrap();
         assert_eq!(r.iter().map(|r| r.ts_ms).collect::<Vec<_>>(), [1, 42]);
+    }
+
+    #[test]
+    fn receive_stamps_carry_the_clocks_trust_and_device_stamps_are_kept() {
+        let d = DeviceName::new("d");
+        let r = decode(br#"[{"a":1},{"ts":5,"values":{"b":2}}]"#, &d, 42, false).unwrap();
+        assert_eq!((r[0].ts_ms, r[0].ts_trusted), (42, false));
+        assert_eq!((r[1].ts_ms, r[1].ts_trusted), (5, true));
     }
 
     #[test]

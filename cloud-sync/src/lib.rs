@@ -9,14 +9,15 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use sluice_cloud_sync::{Outbox, OutboxConfig, WhenFull, Durability, Record, DeviceName, Value};
-//! use std::{path::Path, time::Duration};
-//! let outbox = Outbox::open(Path::new("outbox.db"), Path::new("state.db"), OutboxConfig {
-//!     max_bytes: 256 << 20,
-//!     max_age: Duration::from_secs(7 * 86400),
-//!     when_full: WhenFull::DropOldest,
-//!     durability: Durability::Power,
-//! })?;
+//! use sluice_cloud_sync::{Clock, ClockMode, Outbox, OutboxConfig, Record, DeviceName, Value};
+//! use std::{path::Path, sync::Arc};
+//! let clock = Arc::new(Clock::new(ClockMode::Auto));
+//! let outbox = Outbox::open(
+//!     Path::new("outbox.db"),
+//!     Path::new("state.db"),
+//!     OutboxConfig::default(),
+//!     clock,
+//! )?;
 //! let receipt = outbox.append(&[Record {
 //!     device: DeviceName::new("dev-1"),
 //!     ts_ms: 1_700_000_000_000,
@@ -27,15 +28,17 @@
 //! # Ok(()) }
 //! ```
 
+pub mod clock;
 pub mod outbox;
 pub mod profile;
 pub mod record;
 pub mod statedb;
 pub mod uplink;
 
+pub use clock::{Clock, ClockMode, Stamp};
 pub use outbox::{
-    AppendError, AppendReceipt, Durability, Leased, Outbox, OutboxConfig, OutboxError, OutboxStats,
-    WhenFull,
+    AppendError, AppendReceipt, CheckReport, DEFAULT_STREAM, Durability, Leased, Outbox,
+    OutboxConfig, OutboxError, OutboxStats, StreamConfig, StreamStats, WhenFull,
 };
 pub use record::{DeviceName, Record, Seq, Value};
 pub use uplink::{Uplink, UplinkConfig, UplinkError, UplinkStatus, UplinkTls};

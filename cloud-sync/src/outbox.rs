@@ -2,54 +2,88 @@
 //!
 //! # Design
 //!
-//! **Schema** (PRAGMA user_version = 1, `auto_vacuum = INCREMENTAL` from creation):
-//! - `records(seq INTEGER PRIMARY KEY, accepted_ms INTEGER, len INTEGER, body BLOB)`:
-//!   one row per record; `body` is [`Record::encode`] (a version byte + postcard);
-//!   `len` is the row's accounted size (body + [`ROW_OVERHEAD`]); `accepted_ms` is
-//!   the gateway's wall clock when it committed the record (age limits count from
-//!   it, never from the device's `ts`).
-//! - `meta(key TEXT PRIMARY KEY, value INTEGER)`: running totals (records, bytes),
-//!   drop counters by reason and the acked counter, updated in the same
-//!   transaction as the rows they describe, so start-up reads totals instead of
-//!   scanning the table.
+//! **Schema** (PRAGMA user_version = 2, `auto_vacuum = INCREMENTAL` from creation):
+//! - `records(seq INTEGER PRIMARY KEY, stream, accepted_ms, life_ms, boot, mono_ms,
+//!   untrusted, len, body)`: one row per record. `body` is [`Record::encode`] (a
+//!   version byte + postcard). `len` is the accounted size (body +
+//!   [`ROW_OVERHEAD`]). `accepted_ms` is the wall clock at acceptance (shown to
+//!   operators only); `life_ms` is the gateway's *lifetime monotonic clock* at
+//!   acceptance (running time summed over boots, never jumps), which age limits
+//!   use, so no clock jump ever deletes a record. `boot`/`mono_ms` place the
+//!   acceptance on this boot's monotonic timeline, and `untrusted = 1` marks a
+//!   record whose `ts` was stamped by an untrusted wall clock: those are
+//!   re-stamped when the clock becomes trusted (same boot only), and sent
+//!   flagged otherwise, never held back.
+//!   Indexes: `(stream, seq)` for per-stream eviction, expiry and leasing; a
+//!   partial index on `boot` over untrusted rows.
+//! - `streams(id, name, records, bytes, dropped_*)`: per-stream running totals and
+//!   drop counters; `meta(key, value)`: acked count and the lifetime clock. Both
+//!   are updated in the same transaction as the rows they describe, so start-up
+//!   reads totals instead of scanning the table.
+//! - Schema 1 (the walking skeleton's) is migrated forward in one transaction
+//!   (columns added with constant defaults: no table rewrite); its rows land in
+//!   the `telemetry` stream.
 //!
-//! **Ordering.** `seq` is assigned by the single writer in commit order, so
-//! `ORDER BY seq` is acceptance order, and a reader (WAL snapshot) always sees a
-//! gap-free committed prefix of new seqs: leasing "everything after seq N" never
-//! skips a record that commits later with a smaller seq.
+//! **Streams and priority.** Every record belongs to a stream (`telemetry` by
+//! default; `attributes`, `alarms` and any `[[outbox.streams]]`), each with a
+//! priority 0–9, a `max_age` and a byte cap. Within a stream records leave in
+//! seq order, so one device's records of one stream stay in order.
+//!
+//! **Ordering.** `seq` is assigned by the single writer in commit order, so a
+//! reader (WAL snapshot) always sees a gap-free committed prefix of new seqs:
+//! leasing "everything after seq N" never skips a record that commits later.
 //!
 //! **Seq never repeats.** The writer reserves seqs in blocks of [`SEQ_BLOCK`] by
 //! raising the high-water mark in `state.db` (fsynced) *before* committing any
-//! record that uses them. At open, the next seq is the larger of that mark and
-//! `max(seq) + 1`, so a deleted, replaced or restored outbox cannot reuse one.
+//! record that uses them; at open the next seq is the larger of that mark and
+//! `max(seq) + 1`, so a deleted, replaced, set-aside or restored outbox never
+//! reuses one.
 //!
 //! **Durability.** WAL journal; `outbox.durability = "power"` → `synchronous = FULL`
 //! (a commit survives power loss), `"process"` → `NORMAL` (survives a crash of
 //! sluice, may lose the last commits on power loss). One writer thread owns the
 //! write connection; it takes every pending command (appends, acks, expiry) into
 //! one transaction (group commit) and answers each append only after that
-//! commit returned. A caller's ack to its device therefore means the record is
-//! on disk. Deletes (acks, eviction) go through the same writer because a second
-//! writing connection starves under `synchronous = FULL`.
+//! commit returned. Deletes go through the same writer: a second writing
+//! connection starves under `synchronous = FULL`.
 //!
-//! **Eviction.** Bounded by `max_bytes` (sum of `len`) and `max_age`. When an
-//! append does not fit: `drop_oldest` deletes from the head (lowest seq) until it
-//! does, counted as `full`; `reject` refuses the append (the device is told to
-//! retry), counted as `rejected`. Expiry deletes records older than `max_age`,
-//! counted as `expired`. A row that cannot be decoded is dropped when leased,
-//! counted as `corrupt`.
+//! **Eviction.** An append to stream S that does not fit — S over its own cap,
+//! or the outbox over `max_bytes` — under `drop_oldest` deletes the oldest
+//! records of S (own cap), then of the lowest-priority non-empty stream whose
+//! priority is not above S's (total), oldest first, counted as `full`; if only
+//! higher-priority records remain, the append is refused. Under `reject` it is
+//! refused (counted as `rejected`; the device is told to retry). Expiry deletes
+//! records older than their stream's `max_age` on the lifetime clock (`expired`);
+//! `purge` deletes on request (`purged`). A row that cannot be decoded is dropped
+//! when leased (`corrupt`). Disk full (`SQLITE_FULL`) is handled like `reject`:
+//! the transaction rolls back, acks and expiry in it are retried without the
+//! appends, and ingest resumes when space returns.
 //!
-//! **What a crash can lose.** Nothing that was acknowledged to a device (its
-//! append committed before the ack). An ack from the cloud that was not yet
-//! committed is lost, so that record is sent again with the same seq: upstream
-//! is at-least-once, deduplicable by `(gateway, epoch, seq)`.
+//! **Corruption.** A file that is not a database or reports `SQLITE_CORRUPT` /
+//! `SQLITE_NOTADB` at open or in operation is moved aside to
+//! `outbox.db.corrupt-<unix ms>` (with its `-wal`/`-shm`), logged at error and
+//! counted, and sluice continues with a fresh outbox; records in the moved file
+//! are counted as dropped `corrupt`. A missing or torn `-wal`/`-shm` is SQLite's
+//! own recovery. `PRAGMA quick_check` runs only on request ([`Outbox::check`]).
 //!
-//! **Start-up cost.** Opening reads `meta`, `max(seq)` and the oldest row: a few
-//! b-tree lookups whatever the backlog; nothing scans the table.
+//! **Space and the WAL.** `wal_autocheckpoint` (1000 pages) plus a periodic
+//! `TRUNCATE` checkpoint ([`Outbox::maintain`]) bound the WAL; the reader never
+//! holds a read transaction across a batch. Freed pages are reused by new rows
+//! and returned to the file system by `incremental_vacuum` during maintenance
+//! when more than [`VACUUM_FREE_PAGES`] are free.
+//!
+//! **What a crash can lose.** Nothing that was acknowledged to a device. An ack
+//! from the cloud that was not yet committed is lost, so that record is sent
+//! again with the same seq: upstream is at-least-once, deduplicable by
+//! `(gateway, epoch, seq)`.
+//!
+//! **Start-up cost.** Opening reads `streams`, `meta`, `max(seq)` and the oldest
+//! row: a few b-tree lookups whatever the backlog; nothing scans the table.
 
+use crate::clock::Clock;
 use crate::record::{Record, Seq};
 use crate::statedb;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,11 +92,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// The schema version this binary writes.
-pub const OUTBOX_SCHEMA_VERSION: i64 = 1;
+pub const OUTBOX_SCHEMA_VERSION: i64 = 2;
 /// Bytes accounted per row on top of its body (key, columns, b-tree cell).
-pub const ROW_OVERHEAD: u64 = 24;
+pub const ROW_OVERHEAD: u64 = 40;
 /// Seqs reserved per fsync of the high-water mark.
 pub const SEQ_BLOCK: u64 = 100_000;
+/// Free pages above which maintenance returns space to the file system.
+pub const VACUUM_FREE_PAGES: i64 = 1024;
+/// The stream records go to unless told otherwise.
+pub const DEFAULT_STREAM: &str = "telemetry";
 /// Most commands taken into one transaction.
 const MAX_COMMANDS_PER_COMMIT: usize = 4096;
 /// Most rows one expiry pass deletes in one transaction.
@@ -70,10 +108,10 @@ const MAX_EXPIRED_PER_COMMIT: usize = 10_000;
 /// Capacity of the command channel to the writer.
 const COMMAND_CHANNEL: usize = 1024;
 
-/// What to do with an append that does not fit in `max_bytes`.
+/// What to do with an append that does not fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
-    /// Delete the oldest records until it fits.
+    /// Delete the oldest (lowest-priority first) records until it fits.
     DropOldest,
     /// Refuse the append; the device is told to retry later.
     Reject,
@@ -88,28 +126,68 @@ pub enum Durability {
     Power,
 }
 
+/// One stream's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamConfig {
+    /// Name (`telemetry`, `attributes`, `alarms`, or configured).
+    pub name: String,
+    /// 0 (lowest) to 9 (highest): evicted last, drained with more weight.
+    pub priority: u8,
+    /// Records older than this (lifetime clock since acceptance) expire.
+    pub max_age: Duration,
+    /// This stream's byte cap (its share of `max_bytes`).
+    pub max_bytes: u64,
+}
+
 /// The outbox's bounds and policy.
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     /// Upper bound on the sum of accounted record sizes.
     pub max_bytes: u64,
-    /// Records older than this (since acceptance) are expired.
+    /// Default age limit of streams that set none.
     pub max_age: Duration,
     /// Policy when an append does not fit.
     pub when_full: WhenFull,
     /// Commit durability.
     pub durability: Durability,
+    /// Streams beyond (or overriding) the built-in `telemetry` (priority 5),
+    /// `attributes` (7) and `alarms` (9).
+    pub streams: Vec<StreamConfig>,
 }
 
 impl Default for OutboxConfig {
-    /// The documented defaults: 256 MiB, 7 days, `drop_oldest`, `power`.
+    /// The documented defaults: 256 MiB, 7 days, `drop_oldest`, `power`,
+    /// the built-in streams.
     fn default() -> Self {
         Self {
             max_bytes: 256 << 20,
             max_age: Duration::from_secs(7 * 86_400),
             when_full: WhenFull::DropOldest,
             durability: Durability::Power,
+            streams: Vec::new(),
         }
+    }
+}
+
+impl OutboxConfig {
+    /// The built-in streams with the configured ones laid over them.
+    pub fn effective_streams(&self) -> Vec<StreamConfig> {
+        let mut out: Vec<StreamConfig> = [("telemetry", 5), ("attributes", 7), ("alarms", 9)]
+            .into_iter()
+            .map(|(name, priority)| StreamConfig {
+                name: name.into(),
+                priority,
+                max_age: self.max_age,
+                max_bytes: self.max_bytes,
+            })
+            .collect();
+        for s in &self.streams {
+            match out.iter_mut().find(|o| o.name == s.name) {
+                Some(o) => *o = s.clone(),
+                None => out.push(s.clone()),
+            }
+        }
+        out
     }
 }
 
@@ -123,6 +201,14 @@ pub enum OutboxError {
         path: PathBuf,
         /// What SQLite said.
         source: rusqlite::Error,
+    },
+    /// Moving a corrupt file aside failed.
+    #[error("cannot move the corrupt outbox {path} aside: {source}")]
+    SetAside {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
     },
     /// The file was written by a newer sluice.
     #[error(
@@ -143,6 +229,9 @@ pub enum OutboxError {
     /// The writer thread could not be started.
     #[error("cannot start the outbox writer thread: {0}")]
     Thread(std::io::Error),
+    /// No such stream.
+    #[error("unknown outbox stream {0:?}")]
+    UnknownStream(String),
     /// The outbox has shut down.
     #[error("the outbox is closed")]
     Closed,
@@ -151,8 +240,9 @@ pub enum OutboxError {
 /// Why an append was not stored.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
-    /// `when_full = "reject"` and the records do not fit, or they are larger
-    /// than the whole outbox.
+    /// `when_full = "reject"` and the records do not fit, they are larger than
+    /// their stream's cap, only higher-priority records are left to evict, or
+    /// the disk is full.
     #[error("outbox full")]
     Full,
     /// The commit failed; nothing of this append is stored.
@@ -161,6 +251,9 @@ pub enum AppendError {
     /// A record could not be encoded.
     #[error("record cannot be encoded: {0}")]
     Encode(postcard::Error),
+    /// No such stream.
+    #[error("unknown outbox stream {0:?}")]
+    UnknownStream(String),
     /// The outbox has shut down.
     #[error("the outbox is closed")]
     Closed,
@@ -180,7 +273,9 @@ pub struct AppendReceipt {
 pub struct Leased {
     /// Its seq.
     pub seq: Seq,
-    /// When the outbox accepted it (unix ms).
+    /// Its stream.
+    pub stream: String,
+    /// When the outbox accepted it (wall clock, unix ms).
     pub accepted_ms: i64,
     /// Its accounted size.
     pub len: u64,
@@ -190,6 +285,26 @@ pub struct Leased {
 
 /// Drop reasons, as counted and reported.
 pub const DROP_REASONS: [&str; 5] = ["full", "expired", "purged", "rejected", "corrupt"];
+const FULL: usize = 0;
+const EXPIRED: usize = 1;
+const PURGED: usize = 2;
+const REJECTED: usize = 3;
+const CORRUPT: usize = 4;
+
+/// One stream's figures.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamStats {
+    /// Priority 0–9.
+    pub priority: u8,
+    /// Records stored.
+    pub records: u64,
+    /// Accounted bytes stored.
+    pub bytes: u64,
+    /// Records dropped, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Acceptance time (wall, unix ms) of its oldest record, if any.
+    pub oldest_accepted_ms: Option<i64>,
+}
 
 /// A snapshot of the outbox's figures.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -202,16 +317,54 @@ pub struct OutboxStats {
     pub dropped: BTreeMap<String, u64>,
     /// Records deleted after the cloud acknowledged them.
     pub records_acked: u64,
-    /// Acceptance time of the oldest stored record (unix ms), if any.
+    /// Acceptance time (wall, unix ms) of the oldest stored record, if any.
     pub oldest_accepted_ms: Option<i64>,
+    /// Corrupt outbox files moved aside since start.
+    pub corrupt_set_aside: u64,
+    /// Per stream.
+    pub streams: BTreeMap<String, StreamStats>,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    records: AtomicU64,
-    bytes: AtomicU64,
-    acked: AtomicU64,
-    dropped: [AtomicU64; 5],
+/// Result of `PRAGMA quick_check`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckReport {
+    /// True when SQLite answered `ok`.
+    pub ok: bool,
+    /// SQLite's messages (at most 100).
+    pub messages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct StreamState {
+    id: i64,
+    name: String,
+    priority: u8,
+    max_age_ms: i64,
+    max_bytes: u64,
+    records: u64,
+    bytes: u64,
+    dropped: [u64; 5],
+}
+
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    streams: Vec<StreamState>,
+    acked: u64,
+    life_ms: i64,
+}
+
+impl Totals {
+    fn bytes(&self) -> u64 {
+        self.streams.iter().map(|s| s.bytes).sum()
+    }
+    fn index(&self, id: i64) -> Option<usize> {
+        self.streams.iter().position(|s| s.id == id)
+    }
+}
+
+struct Shared {
+    totals: Mutex<Totals>,
+    corrupt_set_aside: AtomicU64,
 }
 
 /// Handle to the outbox; cheap to clone. All writes go to one writer thread.
@@ -223,8 +376,8 @@ pub struct Outbox {
 struct Inner {
     path: PathBuf,
     cmd_tx: mpsc::Sender<Command>,
-    reader: Mutex<Connection>,
-    counters: Arc<Counters>,
+    reader: Arc<Mutex<Connection>>,
+    shared: Arc<Shared>,
     committed_rx: watch::Receiver<Seq>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
@@ -232,20 +385,24 @@ struct Inner {
 
 enum Command {
     Append {
-        bodies: Vec<Vec<u8>>,
+        stream: String,
+        bodies: Vec<(Vec<u8>, bool)>,
         reply: oneshot::Sender<Result<AppendReceipt, AppendError>>,
     },
     Ack(Vec<Seq>),
     DropCorrupt(Vec<Seq>),
-    Expire,
+    Maintain,
+    Restamp,
     Purge {
+        stream: Option<String>,
         older_than: Duration,
         reply: oneshot::Sender<Result<u64, AppendError>>,
     },
+    SetAside(String),
     Shutdown,
 }
 
-fn now_ms() -> i64 {
+fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -259,71 +416,200 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+fn dur_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Whether SQLite says the file is damaged or not a database.
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DiskFull))
+}
+
+/// Moves `path` and its `-wal`/`-shm` to `path.corrupt-<ms>`; returns the new name.
+fn set_aside(path: &Path) -> Result<PathBuf, OutboxError> {
+    let stamp = unix_ms();
+    let mut target = path.as_os_str().to_owned();
+    target.push(format!(".corrupt-{stamp}"));
+    let target = PathBuf::from(target);
+    std::fs::rename(path, &target).map_err(|source| OutboxError::SetAside {
+        path: path.to_owned(),
+        source,
+    })?;
+    for suffix in ["-wal", "-shm"] {
+        let mut from = path.as_os_str().to_owned();
+        from.push(suffix);
+        let mut to = target.as_os_str().to_owned();
+        to.push(suffix);
+        let _ = std::fs::rename(PathBuf::from(from), PathBuf::from(to));
+    }
+    Ok(target)
+}
+
+struct Opened {
+    conn: Connection,
+    totals: Totals,
+    max_seq: Option<u64>,
+    life_at_open: i64,
+}
+
+/// Opens, migrates and reads the totals of the outbox file.
+fn open_db(
+    path: &Path,
+    config: &OutboxConfig,
+    clock: &Clock,
+) -> Result<Opened, (OutboxError, bool)> {
+    let sql = |source: rusqlite::Error| {
+        let corrupt = is_corruption(&source);
+        (
+            OutboxError::Sqlite {
+                path: path.to_owned(),
+                source,
+            },
+            corrupt,
+        )
+    };
+    let mut conn = Connection::open(path).map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+    // auto_vacuum only takes effect before the first table is created.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+        .map_err(sql)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql)?;
+    let sync = match config.durability {
+        Durability::Power => "FULL",
+        Durability::Process => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync).map_err(sql)?;
+    migrate(&mut conn, path).map_err(|e| match e {
+        OutboxError::Sqlite { source, .. } => sql(source),
+        other => (other, false),
+    })?;
+    let mut totals = read_totals(&conn).map_err(sql)?;
+    // Streams named in the config but not yet in the file get a row now, so
+    // their ids are stable.
+    for sc in config.effective_streams() {
+        let id = match totals.streams.iter().find(|s| s.name == sc.name) {
+            Some(s) => s.id,
+            None => {
+                conn.execute("INSERT INTO streams (name) VALUES (?1)", [&sc.name])
+                    .map_err(sql)?;
+                let id = conn.last_insert_rowid();
+                totals.streams.push(StreamState {
+                    id,
+                    name: sc.name.clone(),
+                    ..StreamState::default()
+                });
+                id
+            }
+        };
+        if let Some(i) = totals.index(id) {
+            let s = &mut totals.streams[i];
+            s.priority = sc.priority.min(9);
+            s.max_age_ms = dur_ms(sc.max_age);
+            s.max_bytes = sc.max_bytes;
+        }
+    }
+    // Streams that are in the file but no longer configured keep draining
+    // at the lowest priority under the default bounds.
+    for s in &mut totals.streams {
+        if s.max_bytes == 0 {
+            s.priority = 0;
+            s.max_age_ms = dur_ms(config.max_age);
+            s.max_bytes = config.max_bytes;
+        }
+    }
+    let max_seq: Option<i64> = conn
+        .query_row("SELECT max(seq) FROM records", [], |r| r.get(0))
+        .map_err(sql)?;
+    let (life_boot, life_mono): (Option<i64>, Option<i64>) = (
+        read_meta_value(&conn, "life_boot").map_err(sql)?,
+        read_meta_value(&conn, "life_mono").map_err(sql)?,
+    );
+    let now_mono = clock.mono_ms();
+    // Same boot: the process restarted, the monotonic clock kept running.
+    let life_at_open = totals.life_ms
+        + match (life_boot, life_mono) {
+            (Some(b), Some(m)) if b == clock.boot() && now_mono >= m => now_mono - m,
+            _ => 0,
+        };
+    Ok(Opened {
+        conn,
+        totals,
+        max_seq: max_seq.map(to_u64),
+        life_at_open,
+    })
+}
+
 impl Outbox {
     /// Opens `outbox.db` at `path` (creating it), seeds the seq counter from
-    /// the high-water mark in `state_db`, and starts the writer thread.
+    /// the high-water mark in `state_db`, and starts the writer thread. A
+    /// corrupt file, or one that is not a database, is moved aside and a fresh
+    /// outbox is used.
     ///
-    /// Fails when either file cannot be opened, is not a database, or carries
-    /// a newer schema than this binary knows.
-    pub fn open(path: &Path, state_db: &Path, config: OutboxConfig) -> Result<Self, OutboxError> {
-        let sql = |source| OutboxError::Sqlite {
-            path: path.to_owned(),
-            source,
+    /// Fails when `state.db` cannot be used, when the outbox cannot be created,
+    /// or when it carries a newer schema than this binary knows.
+    pub fn open(
+        path: &Path,
+        state_db: &Path,
+        config: OutboxConfig,
+        clock: Arc<Clock>,
+    ) -> Result<Self, OutboxError> {
+        let shared = Arc::new(Shared {
+            totals: Mutex::new(Totals::default()),
+            corrupt_set_aside: AtomicU64::new(0),
+        });
+        let opened = match open_db(path, &config, &clock) {
+            Ok(o) => o,
+            Err((e, true)) => {
+                let moved = set_aside(path)?;
+                tracing::error!(error = %e, moved_to = %moved.display(),
+                    "the outbox is corrupt: moved it aside and starting a fresh one");
+                shared.corrupt_set_aside.fetch_add(1, Ordering::Relaxed);
+                open_db(path, &config, &clock).map_err(|(e, _)| e)?
+            }
+            Err((e, false)) => return Err(e),
         };
-        let mut conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
-        // auto_vacuum only takes effect before the first table is created.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        let sync = match config.durability {
-            Durability::Power => "FULL",
-            Durability::Process => "NORMAL",
-        };
-        conn.pragma_update(None, "synchronous", sync).map_err(sql)?;
-        migrate(&mut conn, path)?;
 
         let state = statedb::open(state_db)?;
-        let state_err = |source| {
+        let mark = statedb::seq_mark(&state).map_err(|source| {
             OutboxError::State(statedb::StateDbError::Sqlite {
                 path: state_db.to_owned(),
                 source,
             })
+        })?;
+        let next_seq = mark.max(opened.max_seq.map_or(1, |m| m + 1)).max(1);
+
+        let sql = |source| OutboxError::Sqlite {
+            path: path.to_owned(),
+            source,
         };
-        let mark = statedb::seq_mark(&state).map_err(state_err)?;
-        let max_seq: Option<i64> = conn
-            .query_row("SELECT max(seq) FROM records", [], |r| r.get(0))
-            .map_err(sql)?;
-        let next_seq = mark.max(max_seq.map_or(1, |m| to_u64(m) + 1)).max(1);
-
-        let counters = Arc::new(Counters::default());
-        let meta = read_meta(&conn).map_err(sql)?;
-        counters.records.store(meta.records, Ordering::Relaxed);
-        counters.bytes.store(meta.bytes, Ordering::Relaxed);
-        counters.acked.store(meta.acked, Ordering::Relaxed);
-        for (i, d) in meta.dropped.iter().enumerate() {
-            counters.dropped[i].store(*d, Ordering::Relaxed);
+        let reader = Arc::new(Mutex::new(open_reader(path).map_err(sql)?));
+        if let Ok(mut t) = shared.totals.lock() {
+            *t = opened.totals.clone();
         }
-
-        let reader = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql)?;
-        reader.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
 
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL);
         let (committed_tx, committed_rx) = watch::channel(Seq(next_seq.saturating_sub(1)));
         let writer = Writer {
             path: path.to_owned(),
-            conn,
+            conn: opened.conn,
+            reader: reader.clone(),
             state,
             config,
+            clock: clock.clone(),
             next_seq,
             reserved_end: next_seq,
-            meta,
-            counters: counters.clone(),
+            totals: opened.totals,
+            life_at_open: opened.life_at_open,
+            mono_at_open: clock.mono_ms(),
+            shared: shared.clone(),
             committed_tx,
         };
         let handle = std::thread::Builder::new()
@@ -334,8 +620,8 @@ impl Outbox {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 cmd_tx,
-                reader: Mutex::new(reader),
-                counters,
+                reader,
+                shared,
                 committed_rx,
                 writer: Mutex::new(Some(handle)),
                 closed: AtomicBool::new(false),
@@ -343,22 +629,41 @@ impl Outbox {
         })
     }
 
-    /// Stores `records` durably; returns once they are committed.
+    /// Stores `records` durably in the `telemetry` stream; returns once they
+    /// are committed. See [`Outbox::append_to`].
     ///
-    /// Fails with [`AppendError::Full`] when `when_full = "reject"` and they do
-    /// not fit (or they exceed `max_bytes` on their own), with
-    /// [`AppendError::Storage`] when the commit failed (nothing is stored), and
-    /// [`AppendError::Closed`] after shutdown.
+    /// Fails as [`Outbox::append_to`] does.
     pub async fn append(&self, records: &[Record]) -> Result<AppendReceipt, AppendError> {
+        self.append_to(DEFAULT_STREAM, records).await
+    }
+
+    /// Stores `records` durably in `stream`; returns once they are committed.
+    ///
+    /// Fails with [`AppendError::Full`] when they do not fit under the policy
+    /// (or the disk is full), [`AppendError::UnknownStream`] for a stream that
+    /// is not configured, [`AppendError::Storage`] when the commit failed
+    /// (nothing is stored), and [`AppendError::Closed`] after shutdown.
+    pub async fn append_to(
+        &self,
+        stream: &str,
+        records: &[Record],
+    ) -> Result<AppendReceipt, AppendError> {
+        if self.inner.stream_id(stream).is_none() {
+            return Err(AppendError::UnknownStream(stream.to_owned()));
+        }
         let bodies = records
             .iter()
-            .map(Record::encode)
+            .map(|r| r.encode().map(|b| (b, !r.ts_trusted)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(AppendError::Encode)?;
         let (reply, rx) = oneshot::channel();
         self.inner
             .cmd_tx
-            .send(Command::Append { bodies, reply })
+            .send(Command::Append {
+                stream: stream.to_owned(),
+                bodies,
+                reply,
+            })
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
@@ -368,64 +673,134 @@ impl Outbox {
     ///
     /// Fails only after shutdown.
     pub async fn ack(&self, seqs: Vec<Seq>) -> Result<(), OutboxError> {
-        self.inner
-            .cmd_tx
-            .send(Command::Ack(seqs))
-            .await
-            .map_err(|_| OutboxError::Closed)
+        self.send(Command::Ack(seqs)).await
     }
 
-    /// Deletes records older than `max_age` (counted as `expired`).
+    /// Periodic upkeep: expires records past their stream's `max_age`
+    /// (counted as `expired`), checkpoints the WAL with `TRUNCATE`, and returns
+    /// free pages to the file system.
     ///
     /// Fails only after shutdown.
-    pub async fn expire(&self) -> Result<(), OutboxError> {
+    pub async fn maintain(&self) -> Result<(), OutboxError> {
+        self.send(Command::Maintain).await
+    }
+
+    /// Re-stamps queued records whose `ts` came from an untrusted clock in
+    /// this boot, now that the clock is trusted.
+    ///
+    /// Fails only after shutdown.
+    pub async fn restamp(&self) -> Result<(), OutboxError> {
+        self.send(Command::Restamp).await
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), OutboxError> {
         self.inner
             .cmd_tx
-            .send(Command::Expire)
+            .send(cmd)
             .await
             .map_err(|_| OutboxError::Closed)
     }
 
-    /// Deletes records accepted more than `older_than` ago (counted as
-    /// `purged`); returns how many.
+    /// Deletes records (of `stream`, or of all streams) accepted more than
+    /// `older_than` ago on the lifetime clock (counted as `purged`); returns
+    /// how many.
     ///
-    /// Fails when the commit fails or after shutdown.
-    pub async fn purge(&self, older_than: Duration) -> Result<u64, AppendError> {
+    /// Fails for an unknown stream, when the commit fails, or after shutdown.
+    pub async fn purge(
+        &self,
+        stream: Option<&str>,
+        older_than: Duration,
+    ) -> Result<u64, AppendError> {
+        if let Some(s) = stream
+            && self.inner.stream_id(s).is_none()
+        {
+            return Err(AppendError::UnknownStream(s.to_owned()));
+        }
+        let stream = stream.map(str::to_owned);
         let (reply, rx) = oneshot::channel();
         self.inner
             .cmd_tx
-            .send(Command::Purge { older_than, reply })
+            .send(Command::Purge {
+                stream,
+                older_than,
+                reply,
+            })
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
-    /// Reads up to `max_records` stored records with seq greater than `after`,
-    /// in seq order, stopping before `max_bytes` would be exceeded (at least one
-    /// record is returned when any exists). Rows that cannot be decoded are
-    /// dropped (counted as `corrupt`) and skipped.
+    /// The configured streams by name with their priority, highest first.
+    pub fn streams(&self) -> Vec<(String, u8)> {
+        let mut v: Vec<(String, u8)> = self
+            .inner
+            .shared
+            .totals
+            .lock()
+            .map(|t| {
+                t.streams
+                    .iter()
+                    .map(|s| (s.name.clone(), s.priority))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
+
+    /// Reads up to `max_records` stored records with seq greater than `after`
+    /// — of `stream`, or of all streams — in seq order, stopping before
+    /// `max_bytes` would be exceeded (at least one record is returned when any
+    /// exists). Rows that cannot be decoded are dropped (counted as `corrupt`)
+    /// and skipped.
     ///
-    /// Fails when SQLite fails or after shutdown.
+    /// Fails for an unknown stream, when SQLite fails, or after shutdown.
+    pub async fn lease(
+        &self,
+        stream: Option<&str>,
+        after: Seq,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Leased>, OutboxError> {
+        let stream = match stream {
+            None => None,
+            Some(s) => Some(
+                self.inner
+                    .stream_id(s)
+                    .ok_or_else(|| OutboxError::UnknownStream(s.to_owned()))?,
+            ),
+        };
+        let inner = self.inner.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            inner.read_after(stream, after, max_records, max_bytes)
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)?;
+        let (leased, corrupt) = match result {
+            Ok(v) => v,
+            Err(OutboxError::Sqlite { path, source }) if is_corruption(&source) => {
+                let _ = self.send(Command::SetAside(source.to_string())).await;
+                return Err(OutboxError::Sqlite { path, source });
+            }
+            Err(e) => return Err(e),
+        };
+        if !corrupt.is_empty() {
+            tracing::error!(count = corrupt.len(), first = %corrupt[0], "dropping undecodable outbox rows");
+            self.send(Command::DropCorrupt(corrupt)).await?;
+        }
+        Ok(leased)
+    }
+
+    /// [`Outbox::lease`] over all streams.
+    ///
+    /// Fails as [`Outbox::lease`] does.
     pub async fn lease_after(
         &self,
         after: Seq,
         max_records: usize,
         max_bytes: u64,
     ) -> Result<Vec<Leased>, OutboxError> {
-        let inner = self.inner.clone();
-        let (leased, corrupt) =
-            tokio::task::spawn_blocking(move || inner.read_after(after, max_records, max_bytes))
-                .await
-                .map_err(|_| OutboxError::Closed)??;
-        if !corrupt.is_empty() {
-            tracing::error!(count = corrupt.len(), first = %corrupt[0], "dropping undecodable outbox rows");
-            self.inner
-                .cmd_tx
-                .send(Command::DropCorrupt(corrupt))
-                .await
-                .map_err(|_| OutboxError::Closed)?;
-        }
-        Ok(leased)
+        self.lease(None, after, max_records, max_bytes).await
     }
 
     /// A receiver of the highest committed seq: changes whenever new records
@@ -436,30 +811,43 @@ impl Outbox {
 
     /// The current figures.
     ///
-    /// Fails when SQLite cannot read the oldest row.
+    /// Fails when SQLite cannot read the oldest rows.
     pub async fn stats(&self) -> Result<OutboxStats, OutboxError> {
         let inner = self.inner.clone();
-        let oldest = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
+            let totals = inner
+                .shared
+                .totals
+                .lock()
+                .map_err(|_| OutboxError::Closed)?
+                .clone();
             let conn = inner.reader.lock().map_err(|_| OutboxError::Closed)?;
-            oldest_accepted(&conn).map_err(|source| OutboxError::Sqlite {
+            let mut stats = stats_of(&conn, &totals).map_err(|source| OutboxError::Sqlite {
+                path: inner.path.clone(),
+                source,
+            })?;
+            stats.corrupt_set_aside = inner.shared.corrupt_set_aside.load(Ordering::Relaxed);
+            Ok(stats)
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Runs `PRAGMA quick_check` on the read connection (a full scan: only on
+    /// request).
+    ///
+    /// Fails when SQLite cannot run the check.
+    pub async fn check(&self) -> Result<CheckReport, OutboxError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.reader.lock().map_err(|_| OutboxError::Closed)?;
+            quick_check(&conn).map_err(|source| OutboxError::Sqlite {
                 path: inner.path.clone(),
                 source,
             })
         })
         .await
-        .map_err(|_| OutboxError::Closed)??;
-        let c = &self.inner.counters;
-        Ok(OutboxStats {
-            records: c.records.load(Ordering::Relaxed),
-            bytes: c.bytes.load(Ordering::Relaxed),
-            records_acked: c.acked.load(Ordering::Relaxed),
-            dropped: DROP_REASONS
-                .iter()
-                .zip(&c.dropped)
-                .map(|(r, n)| ((*r).to_owned(), n.load(Ordering::Relaxed)))
-                .collect(),
-            oldest_accepted_ms: oldest,
-        })
+        .map_err(|_| OutboxError::Closed)?
     }
 
     /// Commits what is pending and stops the writer thread. Later calls on any
@@ -476,9 +864,35 @@ impl Outbox {
     }
 }
 
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let reader = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    reader.busy_timeout(Duration::from_secs(5))?;
+    Ok(reader)
+}
+
+fn quick_check(conn: &Connection) -> rusqlite::Result<CheckReport> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(100)")?;
+    let messages: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(CheckReport {
+        ok: messages.len() == 1 && messages[0] == "ok",
+        messages,
+    })
+}
+
 impl Inner {
+    fn stream_id(&self, name: &str) -> Option<i64> {
+        let t = self.shared.totals.lock().ok()?;
+        t.streams.iter().find(|s| s.name == name).map(|s| s.id)
+    }
+
     fn read_after(
         &self,
+        stream: Option<i64>,
         after: Seq,
         max_records: usize,
         max_bytes: u64,
@@ -487,30 +901,54 @@ impl Inner {
             path: self.path.clone(),
             source,
         };
+        let names: BTreeMap<i64, String> = self
+            .shared
+            .totals
+            .lock()
+            .map_err(|_| OutboxError::Closed)?
+            .streams
+            .iter()
+            .map(|s| (s.id, s.name.clone()))
+            .collect();
         let conn = self.reader.lock().map_err(|_| OutboxError::Closed)?;
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT seq, accepted_ms, len, body FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(sql)?;
         let limit = i64::try_from(max_records).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(params![to_i64(after.0), limit]).map_err(sql)?;
+        let mut stmt = match stream {
+            Some(_) => conn.prepare_cached(
+                "SELECT seq, stream, accepted_ms, len, body FROM records
+                 WHERE stream = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2",
+            ),
+            None => conn.prepare_cached(
+                "SELECT seq, stream, accepted_ms, len, body FROM records
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            ),
+        }
+        .map_err(sql)?;
+        let mut rows = match stream {
+            Some(id) => stmt.query(params![to_i64(after.0), limit, id]),
+            None => stmt.query(params![to_i64(after.0), limit]),
+        }
+        .map_err(sql)?;
         let mut leased = Vec::new();
         let mut corrupt = Vec::new();
         let mut bytes = 0u64;
         while let Some(row) = rows.next().map_err(sql)? {
             let seq = Seq(to_u64(row.get(0).map_err(sql)?));
-            let accepted_ms: i64 = row.get(1).map_err(sql)?;
-            let len = to_u64(row.get(2).map_err(sql)?);
+            let stream_id: i64 = row.get(1).map_err(sql)?;
+            let accepted_ms: i64 = row.get(2).map_err(sql)?;
+            let len = to_u64(row.get(3).map_err(sql)?);
             if !leased.is_empty() && bytes + len > max_bytes {
                 break;
             }
-            let body = row.get_ref(3).map_err(sql)?;
+            let body = row.get_ref(4).map_err(sql)?;
             match body.as_blob().ok().map(Record::decode) {
                 Some(Ok(record)) => {
                     bytes += len;
                     leased.push(Leased {
                         seq,
+                        stream: names
+                            .get(&stream_id)
+                            .cloned()
+                            .unwrap_or_else(|| DEFAULT_STREAM.to_owned()),
                         accepted_ms,
                         len,
                         record,
@@ -526,6 +964,45 @@ impl Inner {
         Ok((leased, corrupt))
     }
 }
+
+const SCHEMA_V1: &str = "CREATE TABLE records (
+         seq INTEGER PRIMARY KEY,
+         accepted_ms INTEGER NOT NULL,
+         len INTEGER NOT NULL,
+         body BLOB NOT NULL
+     );
+     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;";
+
+const MIGRATE_V1_TO_V2: &str = "ALTER TABLE records ADD COLUMN stream INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE records ADD COLUMN life_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE records ADD COLUMN boot INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE records ADD COLUMN mono_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE records ADD COLUMN untrusted INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX records_stream_seq ON records (stream, seq);
+     CREATE INDEX records_untrusted ON records (boot) WHERE untrusted = 1;
+     CREATE TABLE streams (
+         id INTEGER PRIMARY KEY,
+         name TEXT NOT NULL UNIQUE,
+         priority INTEGER NOT NULL DEFAULT 0,
+         records INTEGER NOT NULL DEFAULT 0,
+         bytes INTEGER NOT NULL DEFAULT 0,
+         dropped_full INTEGER NOT NULL DEFAULT 0,
+         dropped_expired INTEGER NOT NULL DEFAULT 0,
+         dropped_purged INTEGER NOT NULL DEFAULT 0,
+         dropped_rejected INTEGER NOT NULL DEFAULT 0,
+         dropped_corrupt INTEGER NOT NULL DEFAULT 0
+     );
+     INSERT INTO streams (id, name, records, bytes, dropped_full, dropped_expired,
+                          dropped_purged, dropped_rejected, dropped_corrupt)
+         SELECT 1, 'telemetry',
+             coalesce((SELECT value FROM meta WHERE key = 'records'), 0),
+             coalesce((SELECT value FROM meta WHERE key = 'bytes'), 0),
+             coalesce((SELECT value FROM meta WHERE key = 'dropped_full'), 0),
+             coalesce((SELECT value FROM meta WHERE key = 'dropped_expired'), 0),
+             coalesce((SELECT value FROM meta WHERE key = 'dropped_purged'), 0),
+             coalesce((SELECT value FROM meta WHERE key = 'dropped_rejected'), 0),
+             coalesce((SELECT value FROM meta WHERE key = 'dropped_corrupt'), 0);
+     DELETE FROM meta WHERE key <> 'acked';";
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OutboxError> {
     let sql = |source| OutboxError::Sqlite {
@@ -546,85 +1023,102 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OutboxError> {
         });
     }
     if found < 1 {
-        tx.execute_batch(
-            "CREATE TABLE records (
-                 seq INTEGER PRIMARY KEY,
-                 accepted_ms INTEGER NOT NULL,
-                 len INTEGER NOT NULL,
-                 body BLOB NOT NULL
-             );
-             CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-             PRAGMA user_version = 1;",
-        )
-        .map_err(sql)?;
+        tx.execute_batch(SCHEMA_V1).map_err(sql)?;
     }
+    if found < 2 {
+        tx.execute_batch(MIGRATE_V1_TO_V2).map_err(sql)?;
+        if found == 1 {
+            tracing::info!(path = %path.display(), "outbox migrated from schema 1 to 2");
+        }
+    }
+    tx.pragma_update(None, "user_version", OUTBOX_SCHEMA_VERSION)
+        .map_err(sql)?;
     tx.commit().map_err(sql)
 }
 
-#[derive(Debug, Clone, Default)]
-struct Meta {
-    records: u64,
-    bytes: u64,
-    acked: u64,
-    dropped: [u64; 5],
+fn read_meta_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
 }
 
-const META_KEYS: [&str; 8] = [
-    "records",
-    "bytes",
-    "acked",
-    "dropped_full",
-    "dropped_expired",
-    "dropped_purged",
-    "dropped_rejected",
-    "dropped_corrupt",
-];
-
-impl Meta {
-    fn values(&self) -> [u64; 8] {
-        let d = &self.dropped;
-        [
-            self.records,
-            self.bytes,
-            self.acked,
-            d[0],
-            d[1],
-            d[2],
-            d[3],
-            d[4],
-        ]
-    }
+fn read_totals(conn: &Connection) -> rusqlite::Result<Totals> {
+    let mut stmt = conn.prepare(
+        "SELECT id, name, records, bytes, dropped_full, dropped_expired, dropped_purged,
+                dropped_rejected, dropped_corrupt, priority FROM streams ORDER BY id",
+    )?;
+    let streams = stmt
+        .query_map([], |r| {
+            Ok(StreamState {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                records: to_u64(r.get(2)?),
+                bytes: to_u64(r.get(3)?),
+                dropped: [
+                    to_u64(r.get(4)?),
+                    to_u64(r.get(5)?),
+                    to_u64(r.get(6)?),
+                    to_u64(r.get(7)?),
+                    to_u64(r.get(8)?),
+                ],
+                priority: u8::try_from(r.get::<_, i64>(9)?).unwrap_or(0),
+                ..StreamState::default()
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Totals {
+        streams,
+        acked: to_u64(read_meta_value(conn, "acked")?.unwrap_or(0)),
+        life_ms: read_meta_value(conn, "life_ms")?.unwrap_or(0),
+    })
 }
 
-fn read_meta(conn: &Connection) -> rusqlite::Result<Meta> {
-    let mut m = Meta::default();
-    let mut stmt = conn.prepare("SELECT key, value FROM meta")?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        let key: String = row.get(0)?;
-        let v = to_u64(row.get(1)?);
-        match key.as_str() {
-            "records" => m.records = v,
-            "bytes" => m.bytes = v,
-            "acked" => m.acked = v,
-            "dropped_full" => m.dropped[0] = v,
-            "dropped_expired" => m.dropped[1] = v,
-            "dropped_purged" => m.dropped[2] = v,
-            "dropped_rejected" => m.dropped[3] = v,
-            "dropped_corrupt" => m.dropped[4] = v,
-            _ => {}
+fn dropped_map(d: &[u64; 5]) -> BTreeMap<String, u64> {
+    DROP_REASONS
+        .iter()
+        .zip(d)
+        .map(|(r, n)| ((*r).to_owned(), *n))
+        .collect()
+}
+
+fn stats_of(conn: &Connection, totals: &Totals) -> rusqlite::Result<OutboxStats> {
+    let mut oldest_stmt = conn
+        .prepare_cached("SELECT accepted_ms FROM records WHERE stream = ?1 ORDER BY seq LIMIT 1")?;
+    let mut streams = BTreeMap::new();
+    let mut dropped = [0u64; 5];
+    let mut oldest: Option<i64> = None;
+    for s in &totals.streams {
+        let o: Option<i64> = if s.records > 0 {
+            oldest_stmt.query_row([s.id], |r| r.get(0)).optional()?
+        } else {
+            None
+        };
+        oldest = match (oldest, o) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        for (d, v) in dropped.iter_mut().zip(s.dropped) {
+            *d += v;
         }
+        streams.insert(
+            s.name.clone(),
+            StreamStats {
+                priority: s.priority,
+                records: s.records,
+                bytes: s.bytes,
+                dropped: dropped_map(&s.dropped),
+                oldest_accepted_ms: o,
+            },
+        );
     }
-    Ok(m)
-}
-
-fn oldest_accepted(conn: &Connection) -> rusqlite::Result<Option<i64>> {
-    conn.query_row(
-        "SELECT accepted_ms FROM records ORDER BY seq LIMIT 1",
-        [],
-        |r| r.get(0),
-    )
-    .optional()
+    Ok(OutboxStats {
+        records: totals.streams.iter().map(|s| s.records).sum(),
+        bytes: totals.bytes(),
+        dropped: dropped_map(&dropped),
+        records_acked: totals.acked,
+        oldest_accepted_ms: oldest,
+        corrupt_set_aside: 0,
+        streams,
+    })
 }
 
 /// Reads the figures of an outbox file without starting a writer (for the CLI,
@@ -633,6 +1127,103 @@ fn oldest_accepted(conn: &Connection) -> rusqlite::Result<Option<i64>> {
 /// Fails when the file does not exist, is not a database, or is newer than
 /// this binary.
 pub fn read_stats(path: &Path) -> Result<OutboxStats, OutboxError> {
+    let conn = open_read_only_checked(path)?;
+    let sql = |source| OutboxError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql)?;
+    if found < 2 {
+        // Never opened by this binary yet: report it empty rather than migrate
+        // from a read-only command.
+        return stats_of(&conn, &Totals::default()).map_err(sql);
+    }
+    let totals = read_totals(&conn).map_err(sql)?;
+    stats_of(&conn, &totals).map_err(sql)
+}
+
+/// Reads up to `n` of the oldest records (of `stream`, or all), for the CLI.
+///
+/// Fails when the file cannot be read or is newer than this binary.
+pub fn peek(path: &Path, stream: Option<&str>, n: usize) -> Result<Vec<Leased>, OutboxError> {
+    let conn = open_read_only_checked(path)?;
+    let sql = |source| OutboxError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let totals = read_totals(&conn).map_err(sql)?;
+    let names: BTreeMap<i64, String> = totals
+        .streams
+        .iter()
+        .map(|s| (s.id, s.name.clone()))
+        .collect();
+    let stream_id = match stream {
+        None => None,
+        Some(s) => Some(
+            totals
+                .streams
+                .iter()
+                .find(|t| t.name == s)
+                .map(|t| t.id)
+                .ok_or_else(|| OutboxError::UnknownStream(s.to_owned()))?,
+        ),
+    };
+    let mut stmt = conn
+        .prepare(
+            "SELECT seq, stream, accepted_ms, len, body FROM records
+             WHERE (?1 IS NULL OR stream = ?1) ORDER BY seq LIMIT ?2",
+        )
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map(
+            params![stream_id, i64::try_from(n).unwrap_or(i64::MAX)],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            },
+        )
+        .map_err(sql)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, sid, accepted_ms, len, body) = row.map_err(sql)?;
+        if let Ok(record) = Record::decode(&body) {
+            out.push(Leased {
+                seq: Seq(to_u64(seq)),
+                stream: names.get(&sid).cloned().unwrap_or_default(),
+                accepted_ms,
+                len: to_u64(len),
+                record,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `PRAGMA quick_check` on an outbox file (for the CLI).
+///
+/// Fails when the file cannot be opened.
+pub fn check_file(path: &Path) -> Result<CheckReport, OutboxError> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            OutboxError::Sqlite {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    quick_check(&conn).map_err(|source| OutboxError::Sqlite {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn open_read_only_checked(path: &Path) -> Result<Connection, OutboxError> {
     let sql = |source| OutboxError::Sqlite {
         path: path.to_owned(),
         source,
@@ -649,38 +1240,22 @@ pub fn read_stats(path: &Path) -> Result<OutboxStats, OutboxError> {
             known: OUTBOX_SCHEMA_VERSION,
         });
     }
-    if found == 0 {
-        return Ok(OutboxStats {
-            records: 0,
-            bytes: 0,
-            dropped: DROP_REASONS.iter().map(|r| ((*r).to_owned(), 0)).collect(),
-            records_acked: 0,
-            oldest_accepted_ms: None,
-        });
-    }
-    let meta = read_meta(&conn).map_err(sql)?;
-    Ok(OutboxStats {
-        records: meta.records,
-        bytes: meta.bytes,
-        records_acked: meta.acked,
-        dropped: DROP_REASONS
-            .iter()
-            .zip(meta.dropped)
-            .map(|(r, n)| ((*r).to_owned(), n))
-            .collect(),
-        oldest_accepted_ms: oldest_accepted(&conn).map_err(sql)?,
-    })
+    Ok(conn)
 }
 
 struct Writer {
     path: PathBuf,
     conn: Connection,
+    reader: Arc<Mutex<Connection>>,
     state: Connection,
     config: OutboxConfig,
+    clock: Arc<Clock>,
     next_seq: u64,
     reserved_end: u64,
-    meta: Meta,
-    counters: Arc<Counters>,
+    totals: Totals,
+    life_at_open: i64,
+    mono_at_open: i64,
+    shared: Arc<Shared>,
     committed_tx: watch::Sender<Seq>,
 }
 
@@ -693,6 +1268,38 @@ enum Reply {
         oneshot::Sender<Result<u64, AppendError>>,
         Result<u64, AppendError>,
     ),
+}
+
+impl Reply {
+    fn send(self) {
+        match self {
+            Reply::Append(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Reply::Purge(tx, r) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+    fn fail(self, e: impl Fn() -> AppendError) {
+        match self {
+            Reply::Append(tx, _) => {
+                let _ = tx.send(Err(e()));
+            }
+            Reply::Purge(tx, _) => {
+                let _ = tx.send(Err(e()));
+            }
+        }
+    }
+}
+
+/// What the lifetime clock and this boot's clock read for one transaction.
+#[derive(Clone, Copy)]
+struct Now {
+    wall: i64,
+    life: i64,
+    boot: i64,
+    mono: i64,
 }
 
 impl Writer {
@@ -728,14 +1335,24 @@ impl Writer {
         }
         if let Err(e) = self
             .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         {
             tracing::warn!(error = %e, "final WAL checkpoint failed");
         }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Command>) {
-        let saved_meta = self.meta.clone();
+    fn now(&self) -> Now {
+        let mono = self.clock.mono_ms();
+        Now {
+            wall: self.clock.wall_ms(),
+            life: self.life_at_open + (mono - self.mono_at_open).max(0),
+            boot: self.clock.boot(),
+            mono,
+        }
+    }
+
+    fn commit_batch(&mut self, mut batch: Vec<Command>) {
+        let saved = self.totals.clone();
         let saved_next = self.next_seq;
         let needed: u64 = batch
             .iter()
@@ -744,44 +1361,106 @@ impl Writer {
                 _ => 0,
             })
             .sum();
+        let appended: Vec<(String, u64)> = batch
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append { stream, bodies, .. } => {
+                    Some((stream.clone(), bodies.len() as u64))
+                }
+                _ => None,
+            })
+            .collect();
         let reserve_error = self.reserve(needed).err();
+        let mut maintain = false;
+        let mut restamp = false;
+        let mut set_aside_why = None;
+        batch.retain(|c| match c {
+            Command::Maintain => {
+                maintain = true;
+                true
+            }
+            Command::Restamp => {
+                restamp = true;
+                false
+            }
+            Command::SetAside(why) => {
+                set_aside_why = Some(why.clone());
+                false
+            }
+            _ => true,
+        });
+        if let Some(why) = set_aside_why {
+            self.replace_corrupt(&why);
+        }
 
+        let now = self.now();
         let mut replies = Vec::new();
-        let result = self.apply(batch, reserve_error.as_ref(), &mut replies);
+        let (result, leftover) = self.apply(batch, reserve_error.as_ref(), now, &mut replies);
         match result {
             Ok(()) => {
-                self.publish_counters();
-                let last = Seq(self.next_seq.saturating_sub(1));
-                if self.next_seq != saved_next {
-                    self.committed_tx.send_replace(last);
-                }
-                for r in replies {
-                    match r {
-                        Reply::Append(tx, res) => {
-                            let _ = tx.send(res);
-                        }
-                        Reply::Purge(tx, res) => {
-                            let _ = tx.send(res);
-                        }
-                    }
-                }
+                self.published(saved_next);
+                replies.into_iter().for_each(Reply::send);
             }
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "outbox commit failed");
-                self.meta = saved_meta;
+                self.totals = saved.clone();
                 self.next_seq = saved_next;
-                let msg = e.to_string();
-                for r in replies {
-                    match r {
-                        Reply::Append(tx, _) => {
-                            let _ = tx.send(Err(AppendError::Storage(msg.clone())));
+                let corrupt = is_corruption(&e);
+                let full = is_disk_full(&e);
+                if full {
+                    tracing::warn!(path = %self.path.display(), "disk full: refusing appends until space returns");
+                    for r in replies {
+                        r.fail(|| AppendError::Full);
+                    }
+                    // Retry what frees space (acks, expiry) without the appends.
+                    let mut retry_replies = Vec::new();
+                    let (retry, _) = self.apply(leftover, None, now, &mut retry_replies);
+                    match retry {
+                        Ok(()) => {
+                            for (name, n) in &appended {
+                                if let Some(s) =
+                                    self.totals.streams.iter_mut().find(|s| s.name == *name)
+                                {
+                                    s.dropped[REJECTED] += n;
+                                }
+                            }
+                            self.published(saved_next);
+                            retry_replies.into_iter().for_each(Reply::send);
                         }
-                        Reply::Purge(tx, _) => {
-                            let _ = tx.send(Err(AppendError::Storage(msg.clone())));
+                        Err(e2) => {
+                            self.totals = saved;
+                            tracing::error!(error = %e2, "outbox commit failed again without appends");
+                            retry_replies
+                                .into_iter()
+                                .for_each(|r| r.fail(|| AppendError::Full));
                         }
+                    }
+                } else {
+                    tracing::error!(path = %self.path.display(), error = %e, "outbox commit failed");
+                    let msg = e.to_string();
+                    for r in replies {
+                        r.fail(|| AppendError::Storage(msg.clone()));
+                    }
+                    if corrupt {
+                        self.replace_corrupt(&msg);
                     }
                 }
             }
+        }
+        if restamp {
+            self.restamp(now);
+        }
+        if maintain {
+            self.maintain();
+        }
+    }
+
+    fn published(&mut self, saved_next: u64) {
+        if let Ok(mut t) = self.shared.totals.lock() {
+            *t = self.totals.clone();
+        }
+        if self.next_seq != saved_next {
+            self.committed_tx
+                .send_replace(Seq(self.next_seq.saturating_sub(1)));
         }
     }
 
@@ -797,134 +1476,376 @@ impl Writer {
         Ok(())
     }
 
+    /// Applies `batch` in one transaction. On failure returns the commands
+    /// that do not add data (acks, expiry…) so they can be retried.
     fn apply(
         &mut self,
         batch: Vec<Command>,
         reserve_error: Option<&rusqlite::Error>,
+        now: Now,
         replies: &mut Vec<Reply>,
-    ) -> rusqlite::Result<()> {
-        let now = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for cmd in batch {
-            match cmd {
-                Command::Append { bodies, reply } => {
-                    if let Some(e) = reserve_error {
-                        replies.push(Reply::Append(
-                            reply,
-                            Err(AppendError::Storage(format!("seq reservation failed: {e}"))),
-                        ));
-                        continue;
-                    }
-                    let res = append(
-                        &tx,
-                        &self.config,
-                        &mut self.meta,
-                        &mut self.next_seq,
-                        now,
+    ) -> (rusqlite::Result<()>, Vec<Command>) {
+        let mut leftover = Vec::new();
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for cmd in batch {
+                match cmd {
+                    Command::Append {
+                        stream,
                         bodies,
-                    )?;
-                    replies.push(Reply::Append(reply, res));
+                        reply,
+                    } => {
+                        if let Some(e) = reserve_error {
+                            replies.push(Reply::Append(
+                                reply,
+                                Err(AppendError::Storage(format!("seq reservation failed: {e}"))),
+                            ));
+                            continue;
+                        }
+                        let res = append(
+                            &tx,
+                            &self.config,
+                            &mut self.totals,
+                            &mut self.next_seq,
+                            now,
+                            &stream,
+                            bodies,
+                        )?;
+                        replies.push(Reply::Append(reply, res));
+                    }
+                    Command::Ack(seqs) => {
+                        let n = delete_seqs(&tx, &mut self.totals, &seqs, None)?;
+                        self.totals.acked += n;
+                        leftover.push(Command::Ack(seqs));
+                    }
+                    Command::DropCorrupt(seqs) => {
+                        delete_seqs(&tx, &mut self.totals, &seqs, Some(CORRUPT))?;
+                        leftover.push(Command::DropCorrupt(seqs));
+                    }
+                    Command::Maintain => {
+                        for i in 0..self.totals.streams.len() {
+                            let s = &self.totals.streams[i];
+                            if s.records == 0 {
+                                continue;
+                            }
+                            let cutoff = now.life.saturating_sub(s.max_age_ms);
+                            delete_head_older_than(
+                                &tx,
+                                &mut self.totals.streams[i],
+                                cutoff,
+                                MAX_EXPIRED_PER_COMMIT,
+                                EXPIRED,
+                            )?;
+                        }
+                        leftover.push(Command::Maintain);
+                    }
+                    Command::Purge {
+                        stream,
+                        older_than,
+                        reply,
+                    } => {
+                        let cutoff = now.life.saturating_sub(dur_ms(older_than));
+                        let mut n = 0;
+                        for i in 0..self.totals.streams.len() {
+                            if stream
+                                .as_ref()
+                                .is_some_and(|name| *name != self.totals.streams[i].name)
+                            {
+                                continue;
+                            }
+                            n += delete_head_older_than(
+                                &tx,
+                                &mut self.totals.streams[i],
+                                cutoff,
+                                usize::MAX,
+                                PURGED,
+                            )?;
+                        }
+                        replies.push(Reply::Purge(reply, Ok(n)));
+                    }
+                    Command::Restamp | Command::SetAside(_) | Command::Shutdown => {}
                 }
-                Command::Ack(seqs) => {
-                    let n = delete_seqs(&tx, &mut self.meta, &seqs)?;
-                    self.meta.acked += n;
-                }
-                Command::DropCorrupt(seqs) => {
-                    let n = delete_seqs(&tx, &mut self.meta, &seqs)?;
-                    self.meta.dropped[4] += n;
-                }
-                Command::Expire => {
-                    let cutoff = now.saturating_sub(to_i64(self.config.max_age.as_millis() as u64));
-                    let n = delete_head_older_than(
-                        &tx,
-                        &mut self.meta,
-                        cutoff,
-                        MAX_EXPIRED_PER_COMMIT,
-                    )?;
-                    self.meta.dropped[1] += n;
-                }
-                Command::Purge { older_than, reply } => {
-                    let cutoff = now.saturating_sub(to_i64(older_than.as_millis() as u64));
-                    let n = delete_head_older_than(&tx, &mut self.meta, cutoff, usize::MAX)?;
-                    self.meta.dropped[2] += n;
-                    replies.push(Reply::Purge(reply, Ok(n)));
-                }
-                Command::Shutdown => {}
             }
-        }
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )?;
-            for (k, v) in META_KEYS.iter().zip(self.meta.values()) {
-                stmt.execute(params![k, to_i64(v)])?;
-            }
-        }
-        tx.commit()
+            write_totals(&tx, &self.totals, now)?;
+            tx.commit()
+        })();
+        (result, leftover)
     }
 
-    fn publish_counters(&self) {
-        let c = &self.counters;
-        c.records.store(self.meta.records, Ordering::Relaxed);
-        c.bytes.store(self.meta.bytes, Ordering::Relaxed);
-        c.acked.store(self.meta.acked, Ordering::Relaxed);
-        for (a, v) in c.dropped.iter().zip(self.meta.dropped) {
-            a.store(v, Ordering::Relaxed);
+    fn restamp(&mut self, now: Now) {
+        let result = (|| {
+            let tx = self.conn.transaction()?;
+            let mut changed: Vec<(i64, Vec<u8>, u64, i64)> = Vec::new();
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT seq, mono_ms, len, body, stream FROM records WHERE boot = ?1 AND untrusted = 1",
+                )?;
+                let mut rows = stmt.query([now.boot])?;
+                while let Some(row) = rows.next()? {
+                    let seq: i64 = row.get(0)?;
+                    let mono: i64 = row.get(1)?;
+                    let len = to_u64(row.get(2)?);
+                    let body: Vec<u8> = row.get(3)?;
+                    let stream: i64 = row.get(4)?;
+                    let Ok(mut record) = Record::decode(&body) else {
+                        continue;
+                    };
+                    record.ts_ms = now.wall - (now.mono - mono).max(0);
+                    record.ts_trusted = true;
+                    if let Ok(new_body) = record.encode() {
+                        let new_len = new_body.len() as u64 + ROW_OVERHEAD;
+                        if let Some(i) = self.totals.index(stream) {
+                            let s = &mut self.totals.streams[i];
+                            s.bytes = (s.bytes + new_len).saturating_sub(len);
+                        }
+                        changed.push((seq, new_body, new_len, stream));
+                    }
+                }
+            }
+            {
+                let mut upd = tx.prepare(
+                    "UPDATE records SET body = ?2, len = ?3, untrusted = 0 WHERE seq = ?1",
+                )?;
+                for (seq, body, len, _) in &changed {
+                    upd.execute(params![seq, body, to_i64(*len)])?;
+                }
+            }
+            write_totals(&tx, &self.totals, now)?;
+            tx.commit()?;
+            Ok::<usize, rusqlite::Error>(changed.len())
+        })();
+        match result {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(
+                        records = n,
+                        "re-stamped records taken before the clock was trusted"
+                    );
+                }
+                self.published(self.next_seq);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-stamping failed; records stay flagged untrusted")
+            }
         }
     }
+
+    fn maintain(&mut self) {
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            }) {
+            Ok((0, _, _)) => {}
+            Ok((_, log, done)) => {
+                tracing::debug!(log, done, "WAL checkpoint was blocked by a reader");
+            }
+            Err(e) => tracing::debug!(error = %e, "WAL checkpoint did not complete"),
+        }
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap_or(0);
+        if free > VACUUM_FREE_PAGES {
+            // Keep some free pages for the next fill; give back the rest.
+            let give_back = free - VACUUM_FREE_PAGES / 2;
+            // Each step of this pragma frees one page: step it to the end.
+            let vacuum = (|| {
+                let mut stmt = self
+                    .conn
+                    .prepare(&format!("PRAGMA incremental_vacuum({give_back})"))?;
+                let mut rows = stmt.query([])?;
+                while rows.next()?.is_some() {}
+                Ok::<(), rusqlite::Error>(())
+            })();
+            if let Err(e) = vacuum {
+                tracing::warn!(error = %e, "incremental vacuum failed");
+            } else {
+                tracing::debug!(pages = give_back, "returned free pages to the file system");
+                let _ = self
+                    .conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            }
+        }
+    }
+
+    /// Moves the corrupt file aside and continues with a fresh outbox.
+    fn replace_corrupt(&mut self, why: &str) {
+        let fresh = match Connection::open_in_memory() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot replace the corrupt outbox");
+                return;
+            }
+        };
+        drop(std::mem::replace(&mut self.conn, fresh));
+        if let Ok(mut r) = self.reader.lock()
+            && let Ok(c) = Connection::open_in_memory()
+        {
+            drop(std::mem::replace(&mut *r, c));
+        }
+        let moved = match set_aside(&self.path) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot move the corrupt outbox aside");
+                return;
+            }
+        };
+        self.shared
+            .corrupt_set_aside
+            .fetch_add(1, Ordering::Relaxed);
+        let lost: Vec<(String, u64)> = self
+            .totals
+            .streams
+            .iter()
+            .map(|s| (s.name.clone(), s.records))
+            .collect();
+        tracing::error!(reason = why, moved_to = %moved.display(),
+            "the outbox is corrupt: moved it aside and continuing with a fresh one");
+        match open_db(&self.path, &self.config, &self.clock) {
+            Ok(o) => {
+                self.conn = o.conn;
+                let mut totals = o.totals;
+                for (name, n) in lost {
+                    if let Some(s) = totals.streams.iter_mut().find(|s| s.name == name) {
+                        s.dropped[CORRUPT] += n;
+                    }
+                }
+                totals.acked = self.totals.acked;
+                self.totals = totals;
+                if let (Ok(mut r), Ok(c)) = (self.reader.lock(), open_reader(&self.path)) {
+                    *r = c;
+                }
+                let now = self.now();
+                if let Err(e) = write_totals(&self.conn, &self.totals, now) {
+                    tracing::error!(error = %e, "cannot write the fresh outbox's totals");
+                }
+                self.published(self.next_seq);
+            }
+            Err((e, _)) => tracing::error!(error = %e, "cannot create a fresh outbox"),
+        }
+    }
+}
+
+fn write_totals(conn: &Connection, totals: &Totals, now: Now) -> rusqlite::Result<()> {
+    let mut st = conn.prepare_cached(
+        "UPDATE streams SET records = ?2, bytes = ?3, dropped_full = ?4, dropped_expired = ?5,
+             dropped_purged = ?6, dropped_rejected = ?7, dropped_corrupt = ?8, priority = ?9
+         WHERE id = ?1",
+    )?;
+    for s in &totals.streams {
+        let d = s.dropped.map(to_i64);
+        st.execute(params![
+            s.id,
+            to_i64(s.records),
+            to_i64(s.bytes),
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            d[4],
+            i64::from(s.priority)
+        ])?;
+    }
+    let mut meta = conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?;
+    meta.execute(params!["acked", to_i64(totals.acked)])?;
+    meta.execute(params!["life_ms", now.life])?;
+    meta.execute(params!["life_boot", now.boot])?;
+    meta.execute(params!["life_mono", now.mono])?;
+    Ok(())
 }
 
 fn append(
     tx: &rusqlite::Transaction<'_>,
     config: &OutboxConfig,
-    meta: &mut Meta,
+    totals: &mut Totals,
     next_seq: &mut u64,
-    now: i64,
-    bodies: Vec<Vec<u8>>,
+    now: Now,
+    stream: &str,
+    bodies: Vec<(Vec<u8>, bool)>,
 ) -> rusqlite::Result<Result<AppendReceipt, AppendError>> {
+    let Some(si) = totals.streams.iter().position(|s| s.name == stream) else {
+        return Ok(Err(AppendError::UnknownStream(stream.to_owned())));
+    };
+    let stream = totals.streams[si].id;
     if bodies.is_empty() {
         let last = Seq(next_seq.saturating_sub(1));
         return Ok(Ok(AppendReceipt { first: last, last }));
     }
-    let size: u64 = bodies.iter().map(|b| b.len() as u64 + ROW_OVERHEAD).sum();
+    let size: u64 = bodies
+        .iter()
+        .map(|(b, _)| b.len() as u64 + ROW_OVERHEAD)
+        .sum();
     let n = bodies.len() as u64;
-    if size > config.max_bytes {
-        meta.dropped[3] += n;
-        return Ok(Err(AppendError::Full));
+    let cap = totals.streams[si].max_bytes.min(config.max_bytes);
+    let refuse = |totals: &mut Totals| {
+        totals.streams[si].dropped[REJECTED] += n;
+        Ok(Err(AppendError::Full))
+    };
+    if size > cap {
+        return refuse(totals);
     }
-    if meta.bytes + size > config.max_bytes {
-        match config.when_full {
-            WhenFull::Reject => {
-                meta.dropped[3] += n;
-                return Ok(Err(AppendError::Full));
+    let over_own = totals.streams[si].bytes + size > cap;
+    let over_total = totals.bytes() + size > config.max_bytes;
+    if over_own || over_total {
+        if config.when_full == WhenFull::Reject {
+            return refuse(totals);
+        }
+        // Own cap first: the stream makes room within itself.
+        while totals.streams[si].bytes + size > cap {
+            if delete_head_older_than(tx, &mut totals.streams[si], i64::MAX, 1, FULL)? == 0 {
+                break;
             }
-            WhenFull::DropOldest => {
-                let mut stmt = tx.prepare_cached(
-                    "DELETE FROM records WHERE seq = (SELECT min(seq) FROM records) RETURNING len",
-                )?;
-                while meta.bytes + size > config.max_bytes {
-                    let len: Option<i64> = stmt.query_row([], |r| r.get(0)).optional()?;
-                    let Some(len) = len else { break };
-                    meta.records = meta.records.saturating_sub(1);
-                    meta.bytes = meta.bytes.saturating_sub(to_u64(len));
-                    meta.dropped[0] += 1;
-                }
+        }
+        // Then the total: lowest priority first (never above ours), oldest first.
+        while totals.bytes() + size > config.max_bytes {
+            let prio = totals.streams[si].priority;
+            let victim = totals
+                .streams
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.records > 0 && s.priority <= prio)
+                .min_by_key(|(i, s)| (s.priority, usize::from(*i != si)))
+                .map(|(i, _)| i);
+            let Some(v) = victim else {
+                return refuse(totals);
+            };
+            if delete_head_older_than(tx, &mut totals.streams[v], i64::MAX, 1, FULL)? == 0 {
+                return refuse(totals);
             }
         }
     }
     let first = *next_seq;
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO records (seq, accepted_ms, len, body) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO records (seq, stream, accepted_ms, life_ms, boot, mono_ms, untrusted, len, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
-    for body in bodies {
+    let s = &mut totals.streams[si];
+    for (body, untrusted) in bodies {
         let len = body.len() as u64 + ROW_OVERHEAD;
-        stmt.execute(params![to_i64(*next_seq), now, to_i64(len), body])?;
+        stmt.execute(params![
+            to_i64(*next_seq),
+            stream,
+            now.wall,
+            now.life,
+            now.boot,
+            now.mono,
+            i64::from(untrusted),
+            to_i64(len),
+            body
+        ])?;
         *next_seq += 1;
-        meta.records += 1;
-        meta.bytes += len;
+        s.records += 1;
+        s.bytes += len;
     }
     Ok(Ok(AppendReceipt {
         first: Seq(first),
@@ -934,38 +1855,55 @@ fn append(
 
 fn delete_seqs(
     tx: &rusqlite::Transaction<'_>,
-    meta: &mut Meta,
+    totals: &mut Totals,
     seqs: &[Seq],
+    reason: Option<usize>,
 ) -> rusqlite::Result<u64> {
-    let mut stmt = tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING len")?;
+    let mut stmt = tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING stream, len")?;
     let mut n = 0;
     for s in seqs {
-        let len: Option<i64> = stmt.query_row([to_i64(s.0)], |r| r.get(0)).optional()?;
-        if let Some(len) = len {
+        let row: Option<(i64, i64)> = stmt
+            .query_row([to_i64(s.0)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((stream, len)) = row {
             n += 1;
-            meta.records = meta.records.saturating_sub(1);
-            meta.bytes = meta.bytes.saturating_sub(to_u64(len));
+            if let Some(i) = totals.index(stream) {
+                let st = &mut totals.streams[i];
+                st.records = st.records.saturating_sub(1);
+                st.bytes = st.bytes.saturating_sub(to_u64(len));
+                if let Some(r) = reason {
+                    st.dropped[r] += 1;
+                }
+            }
         }
     }
     Ok(n)
 }
 
+/// Deletes up to `max` of the stream's oldest records accepted (lifetime
+/// clock) before `cutoff_life_ms`, counting them under `reason`.
 fn delete_head_older_than(
     tx: &rusqlite::Transaction<'_>,
-    meta: &mut Meta,
-    cutoff_ms: i64,
+    stream: &mut StreamState,
+    cutoff_life_ms: i64,
     max: usize,
+    reason: usize,
 ) -> rusqlite::Result<u64> {
     let mut stmt = tx.prepare_cached(
-        "DELETE FROM records WHERE seq = (SELECT min(seq) FROM records) AND accepted_ms < ?1 RETURNING len",
+        "DELETE FROM records
+         WHERE seq = (SELECT min(seq) FROM records WHERE stream = ?1) AND life_ms < ?2
+         RETURNING len",
     )?;
     let mut n = 0u64;
     while (n as usize) < max {
-        let len: Option<i64> = stmt.query_row([cutoff_ms], |r| r.get(0)).optional()?;
+        let len: Option<i64> = stmt
+            .query_row(params![stream.id, cutoff_life_ms], |r| r.get(0))
+            .optional()?;
         let Some(len) = len else { break };
         n += 1;
-        meta.records = meta.records.saturating_sub(1);
-        meta.bytes = meta.bytes.saturating_sub(to_u64(len));
+        stream.records = stream.records.saturating_sub(1);
+        stream.bytes = stream.bytes.saturating_sub(to_u64(len));
+        stream.dropped[reason] += 1;
     }
     Ok(n)
 }

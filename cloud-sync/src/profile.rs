@@ -59,6 +59,11 @@ impl Serialize for JsonValue<'_> {
     }
 }
 
+/// A value as natural JSON (what the cloud receives).
+pub fn value_json(v: &Value) -> serde_json::Value {
+    serde_json::to_value(JsonValue(v)).unwrap_or(serde_json::Value::Null)
+}
+
 #[derive(Serialize)]
 struct WireRecord<'a> {
     seq: u64,
@@ -141,6 +146,7 @@ mod tests {
         (1..=n)
             .map(|i| Leased {
                 seq: Seq(i),
+                stream: "telemetry".into(),
                 accepted_ms: 1,
                 len: 10,
                 record: Record {
@@ -174,6 +180,7 @@ mod tests {
     fn telemetry_payload_matches_the_generic_contract() {
         let leased = vec![Leased {
             seq: Seq(7),
+            stream: "telemetry".into(),
             accepted_ms: 1,
             len: 10,
             record: Record {
@@ -201,6 +208,7 @@ mod tests {
     fn untrusted_timestamps_are_flagged() {
         let leased = vec![Leased {
             seq: Seq(1),
+            stream: "telemetry".into(),
             accepted_ms: 1,
             len: 10,
             record: Record {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::clock::Clock;
 use crate::record::{DeviceName, Value};
 use proptest::prelude::*;
 use std::collections::VecDeque;
@@ -9,7 +10,12 @@ fn config(max_bytes: u64, when_full: WhenFull) -> OutboxConfig {
         max_age: Duration::from_secs(3600),
         when_full,
         durability: Durability::Process,
+        streams: Vec::new(),
     }
+}
+
+fn clock() -> Arc<Clock> {
+    Arc::new(Clock::fixed(true, 1))
 }
 
 fn rec(device: &str, n: i64) -> Record {
@@ -39,10 +45,14 @@ impl Dir {
         }
     }
     fn open(&self, cfg: OutboxConfig) -> Outbox {
+        self.open_with(cfg, clock())
+    }
+    fn open_with(&self, cfg: OutboxConfig, clock: Arc<Clock>) -> Outbox {
         Outbox::open(
             &self.dir.path().join("outbox.db"),
             &self.dir.path().join("state.db"),
             cfg,
+            clock,
         )
         .unwrap()
     }
@@ -171,10 +181,10 @@ fn purge_and_expiry_count_by_reason() {
         let o = d.open(cfg);
         o.append(&[rec("a", 1)]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        o.expire().await.unwrap();
+        o.maintain().await.unwrap();
         o.append(&[rec("a", 2)]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(o.purge(Duration::ZERO).await.unwrap(), 1);
+        assert_eq!(o.purge(None, Duration::ZERO).await.unwrap(), 1);
         let st = o.stats().await.unwrap();
         assert_eq!((st.dropped["expired"], st.dropped["purged"]), (1, 1));
         assert_eq!(st.records, 0);
@@ -193,6 +203,7 @@ fn newer_outbox_schema_is_refused() {
         &p,
         &d.dir.path().join("state.db"),
         config(1, WhenFull::Reject),
+        clock(),
     )
     .err()
     .unwrap();
@@ -203,18 +214,28 @@ fn newer_outbox_schema_is_refused() {
 }
 
 #[test]
-fn a_file_that_is_not_a_database_is_an_error_not_a_panic() {
-    let d = Dir::new();
-    let p = d.dir.path().join("outbox.db");
-    std::fs::write(&p, vec![0x5a; 8192]).unwrap();
-    assert!(
-        Outbox::open(
-            &p,
-            &d.dir.path().join("state.db"),
-            config(1, WhenFull::Reject)
-        )
-        .is_err()
-    );
+fn a_file_that_is_not_a_database_is_set_aside_and_a_fresh_outbox_used() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let p = d.dir.path().join("outbox.db");
+        std::fs::write(&p, vec![0x5a; 8192]).unwrap();
+        let o = d.open(config(1 << 20, WhenFull::Reject));
+        o.append(&[rec("a", 1)]).await.unwrap();
+        let st = o.stats().await.unwrap();
+        assert_eq!((st.records, st.corrupt_set_aside), (1, 1));
+        let moved: Vec<_> = std::fs::read_dir(d.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("outbox.db.corrupt-")
+            })
+            .collect();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(std::fs::read(moved[0].path()).unwrap(), vec![0x5a; 8192]);
+        o.close().await;
+    });
 }
 
 #[test]
@@ -296,4 +317,396 @@ proptest! {
             o.close().await;
         });
     }
+}
+
+fn streams_config(max_bytes: u64, when_full: WhenFull) -> OutboxConfig {
+    OutboxConfig {
+        streams: vec![StreamConfig {
+            name: "bulk".into(),
+            priority: 1,
+            max_age: Duration::from_secs(3600),
+            max_bytes: max_bytes / 2,
+        }],
+        ..config(max_bytes, when_full)
+    }
+}
+
+fn one_size() -> u64 {
+    rec("a", 1).encode().unwrap().len() as u64 + ROW_OVERHEAD
+}
+
+async fn ns(o: &Outbox, stream: &str) -> Vec<i64> {
+    o.lease(Some(stream), Seq(0), 1 << 20, u64::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.record.ts_ms)
+        .collect()
+}
+
+#[test]
+fn a_full_outbox_evicts_the_lowest_priority_stream_first_oldest_first() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let o = d.open(streams_config(one_size() * 6, WhenFull::DropOldest));
+        for n in 1..=3 {
+            o.append_to("bulk", &[rec("b", n)]).await.unwrap();
+        }
+        for n in 1..=3 {
+            o.append_to("telemetry", &[rec("t", n)]).await.unwrap();
+        }
+        // Full: alarms (priority 9) push out bulk (1) before telemetry (5).
+        for n in 1..=4 {
+            o.append_to("alarms", &[rec("a", n)]).await.unwrap();
+        }
+        assert_eq!(ns(&o, "bulk").await, Vec::<i64>::new());
+        assert_eq!(ns(&o, "telemetry").await, [2, 3]);
+        assert_eq!(ns(&o, "alarms").await, [1, 2, 3, 4]);
+        let st = o.stats().await.unwrap();
+        assert_eq!(st.streams["bulk"].dropped["full"], 3);
+        assert_eq!(st.streams["telemetry"].dropped["full"], 1);
+        assert_eq!(st.dropped["full"], 4);
+        assert!(st.bytes <= one_size() * 6);
+        // Telemetry cannot push out alarms: only its own oldest go.
+        o.append_to("telemetry", &[rec("t", 4)]).await.unwrap();
+        assert_eq!(ns(&o, "telemetry").await, [3, 4]);
+        assert_eq!(ns(&o, "alarms").await, [1, 2, 3, 4]);
+        // Bulk, the lowest, is refused rather than evicting anything higher.
+        assert!(matches!(
+            o.append_to("bulk", &[rec("b", 9)]).await,
+            Err(AppendError::Full)
+        ));
+        assert_eq!(ns(&o, "bulk").await, Vec::<i64>::new());
+        o.close().await;
+    });
+}
+
+#[test]
+fn a_streams_own_cap_and_reject_apply_per_stream() {
+    rt().block_on(async {
+        let d = Dir::new();
+        // bulk may hold half of 8 records' worth.
+        let o = d.open(streams_config(one_size() * 8, WhenFull::Reject));
+        for n in 1..=4 {
+            o.append_to("bulk", &[rec("b", n)]).await.unwrap();
+        }
+        assert!(matches!(
+            o.append_to("bulk", &[rec("b", 5)]).await,
+            Err(AppendError::Full)
+        ));
+        // Another stream still has room.
+        o.append_to("telemetry", &[rec("t", 1)]).await.unwrap();
+        let st = o.stats().await.unwrap();
+        assert_eq!(st.streams["bulk"].dropped["rejected"], 1);
+        assert_eq!(st.streams["telemetry"].dropped["rejected"], 0);
+        assert!(matches!(
+            o.append_to("nope", &[rec("x", 1)]).await,
+            Err(AppendError::UnknownStream(_))
+        ));
+        o.close().await;
+    });
+}
+
+#[test]
+fn expiry_follows_the_lifetime_clock_not_wall_clock_jumps() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let clk = clock();
+        let mut cfg = config(1 << 20, WhenFull::DropOldest);
+        cfg.max_age = Duration::from_millis(300);
+        let o = d.open_with(cfg, clk.clone());
+        o.append(&[rec("a", 1)]).await.unwrap();
+        // The wall clock leaps a month forward, then a month back: nothing expires.
+        for skew in [30 * 86_400_000, -30 * 86_400_000] {
+            clk.skew_wall_for_tests(skew);
+            o.maintain().await.unwrap();
+            settle(&o).await;
+            assert_eq!(o.stats().await.unwrap().records, 1, "skew {skew}");
+        }
+        clk.skew_wall_for_tests(0);
+        // Real (monotonic) time passes: now it expires.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        o.maintain().await.unwrap();
+        settle(&o).await;
+        let st = o.stats().await.unwrap();
+        assert_eq!((st.records, st.dropped["expired"]), (0, 1));
+        o.close().await;
+    });
+}
+
+#[test]
+fn readings_stamped_by_an_untrusted_clock_are_restamped_when_it_becomes_trusted() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let clk = Arc::new(Clock::fixed(false, 7));
+        // Booted at 1970: the wall clock is 56 years behind.
+        let behind = clk.wall_ms();
+        clk.skew_wall_for_tests(-behind);
+        let o = d.open_with(config(1 << 20, WhenFull::DropOldest), clk.clone());
+        let mut r = rec("a", 0);
+        r.ts_ms = clk.wall_ms();
+        r.ts_trusted = false;
+        let mut device_ts = rec("a", 0);
+        device_ts.ts_ms = 1234;
+        o.append(&[r, device_ts]).await.unwrap();
+        let before = all(&o).await;
+        assert!(!before[0].record.ts_trusted && before[0].record.ts_ms < 10_000);
+
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        clk.skew_wall_for_tests(0);
+        clk.set_trusted(true);
+        o.restamp().await.unwrap();
+        settle(&o).await;
+        let after = all(&o).await;
+        let now = clk.wall_ms();
+        assert!(after[0].record.ts_trusted);
+        let age = now - after[0].record.ts_ms;
+        assert!(
+            (40..5_000).contains(&age),
+            "re-stamped {age} ms in the past"
+        );
+        assert_eq!(
+            after[1].record.ts_ms, 1234,
+            "device timestamps are left alone"
+        );
+        assert_eq!(after[0].seq, before[0].seq);
+        o.close().await;
+    });
+}
+
+#[test]
+fn untrusted_readings_of_an_earlier_boot_stay_flagged() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let o = d.open_with(
+            config(1 << 20, WhenFull::DropOldest),
+            Arc::new(Clock::fixed(false, 1)),
+        );
+        let mut r = rec("a", 0);
+        r.ts_trusted = false;
+        o.append(&[r]).await.unwrap();
+        o.close().await;
+        let clk = Arc::new(Clock::fixed(true, 2));
+        let o = d.open_with(config(1 << 20, WhenFull::DropOldest), clk);
+        o.restamp().await.unwrap();
+        settle(&o).await;
+        assert!(!all(&o).await[0].record.ts_trusted);
+        o.close().await;
+    });
+}
+
+#[test]
+fn schema_1_files_migrate_forward_with_their_records_and_totals() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let p = d.dir.path().join("outbox.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            for n in 1..=3i64 {
+                let body = rec("old", n).encode().unwrap();
+                c.execute(
+                    "INSERT INTO records (seq, accepted_ms, len, body) VALUES (?1, 5, ?2, ?3)",
+                    params![n, body.len() as i64 + 24, body],
+                )
+                .unwrap();
+            }
+            let len = (rec("old", 1).encode().unwrap().len() as i64 + 24) * 3;
+            for (k, v) in [
+                ("records", 3),
+                ("bytes", len),
+                ("acked", 10),
+                ("dropped_full", 2),
+            ] {
+                c.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![k, v],
+                )
+                .unwrap();
+            }
+        }
+        let o = d.open(config(1 << 20, WhenFull::DropOldest));
+        let got = all(&o).await;
+        assert_eq!(got.iter().map(|l| l.seq.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(got.iter().all(|l| l.stream == "telemetry"));
+        let st = o.stats().await.unwrap();
+        assert_eq!((st.records, st.records_acked), (3, 10));
+        assert_eq!(st.streams["telemetry"].dropped["full"], 2);
+        let next = o.append(&[rec("new", 4)]).await.unwrap();
+        assert!(next.first.0 > 3);
+        o.close().await;
+        let v: i64 = Connection::open(&p)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, OUTBOX_SCHEMA_VERSION);
+    });
+}
+
+#[test]
+fn corruption_found_in_operation_sets_the_file_aside_and_service_continues() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let p = d.dir.path().join("outbox.db");
+        let o = d.open(config(1 << 30, WhenFull::DropOldest));
+        let big: Vec<Record> = (0..3000).map(|n| rec("a", n)).collect();
+        o.append(&big).await.unwrap();
+        o.close().await;
+        // Smash pages in the middle of the file (not the header).
+        let mut bytes = std::fs::read(&p).unwrap();
+        let page = 4096;
+        for b in &mut bytes[page * 3..page * 12] {
+            *b = 0xa5;
+        }
+        std::fs::write(&p, &bytes).unwrap();
+
+        let o = d.open(config(1 << 30, WhenFull::DropOldest));
+        // Reading the damaged pages finds the corruption (if open did not).
+        let _ = o.lease_after(Seq(0), 5000, u64::MAX).await;
+        o.append(&[]).await.unwrap();
+        let r = o.append(&[rec("after", 1)]).await.unwrap();
+        let st = o.stats().await.unwrap();
+        assert!(st.corrupt_set_aside >= 1, "{st:?}");
+        let got = all(&o).await;
+        assert_eq!(got.last().unwrap().seq, r.first, "the fresh outbox works");
+        assert!(o.check().await.unwrap().ok);
+        assert!(
+            std::fs::read_dir(d.dir.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .any(|e| e
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("outbox.db.corrupt-"))
+        );
+        o.close().await;
+    });
+}
+
+/// Waits until everything sent so far, including the maintenance that runs
+/// after a commit, is done.
+async fn settle(o: &Outbox) {
+    o.append(&[]).await.unwrap();
+    o.append(&[]).await.unwrap();
+}
+
+#[test]
+fn the_file_gives_space_back_after_a_drain_and_the_wal_is_truncated() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let p = d.dir.path().join("outbox.db");
+        let wal = d.dir.path().join("outbox.db-wal");
+        let o = d.open(config(1 << 30, WhenFull::DropOldest));
+        let fill = |k: i64| {
+            (0..100_000)
+                .map(move |n| rec("a", k * 1_000_000 + n))
+                .collect::<Vec<_>>()
+        };
+        o.append(&fill(1)).await.unwrap();
+        o.maintain().await.unwrap();
+        settle(&o).await;
+        let full = std::fs::metadata(&p).unwrap().len();
+        // Truncated by the checkpoint; only the barrier's own small commit is left.
+        let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        assert!(wal_len < 64 * 1024, "WAL {wal_len} B after maintenance");
+        let seqs: Vec<Seq> = all(&o).await.iter().map(|l| l.seq).collect();
+        o.ack(seqs).await.unwrap();
+        o.maintain().await.unwrap();
+        settle(&o).await;
+        let drained = std::fs::metadata(&p).unwrap().len();
+        assert!(drained < full / 2, "after drain {drained} vs full {full}");
+        o.append(&fill(2)).await.unwrap();
+        o.maintain().await.unwrap();
+        settle(&o).await;
+        let refilled = std::fs::metadata(&p).unwrap().len();
+        assert!(
+            refilled <= full + full / 10,
+            "refill {refilled} vs first fill {full}"
+        );
+        eprintln!("outbox file: full {full} B, drained {drained} B, refilled {refilled} B");
+        o.close().await;
+    });
+}
+
+/// A tmpfs of `size` mounted for one test, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` when not running as root (mounting needs it; CI runs as root).
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+        if uid.stdout != b"0\n" {
+            return None;
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "running as root but cannot mount a tmpfs at {}",
+            at.display()
+        );
+        Some(Self(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_appends_like_reject_and_ingest_resumes_when_space_returns() {
+    let d = Dir::new();
+    let mnt = d.dir.path().join("small-disk");
+    let Some(_fs) = Tmpfs::mount(&mnt, "2m") else {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    };
+    rt().block_on(async {
+        // Another tenant of the disk, deleted later to give space back.
+        let ballast = mnt.join("ballast");
+        std::fs::write(&ballast, vec![7u8; 768 * 1024]).unwrap();
+        let o = Outbox::open(
+            &mnt.join("outbox.db"),
+            &d.dir.path().join("state.db"),
+            config(1 << 30, WhenFull::DropOldest),
+            clock(),
+        )
+        .unwrap();
+        let mut stored = Vec::new();
+        let mut refused = 0;
+        for batch in 0..400i64 {
+            let recs: Vec<Record> = (0..50).map(|k| rec("a", batch * 100 + k)).collect();
+            match o.append(&recs).await {
+                Ok(_) => stored.extend(recs.iter().map(|r| r.ts_ms)),
+                Err(AppendError::Full) => {
+                    refused += 1;
+                    if refused > 3 {
+                        break;
+                    }
+                }
+                Err(e) => panic!("disk full must look like a full outbox, got {e}"),
+            }
+        }
+        assert!(refused > 0, "the 2 MiB disk never filled");
+        let got: Vec<i64> = all(&o).await.iter().map(|l| l.record.ts_ms).collect();
+        assert_eq!(got, stored, "everything acknowledged is intact");
+        assert!(o.check().await.unwrap().ok);
+
+        std::fs::remove_file(&ballast).unwrap();
+        o.append(&[rec("b", 1)])
+            .await
+            .expect("ingest resumes once space returns");
+        let st = o.stats().await.unwrap();
+        assert!(st.dropped["rejected"] >= 50, "{st:?}");
+        assert_eq!(st.records as usize, stored.len() + 1);
+        o.close().await;
+    });
 }
