@@ -267,6 +267,10 @@ pub struct RawCloud {
     pub batch_max_bytes: SizeValue,
     /// Most publishes awaiting PUBACK.
     pub max_inflight: usize,
+    /// Drain order: `fifo` (streams by weighted priority, each oldest first).
+    pub drain: String,
+    /// Cap on upstream telemetry bytes per second; absent = no cap.
+    pub max_bytes_per_sec: Option<SizeValue>,
     /// First reconnect delay.
     pub backoff_min: DurationValue,
     /// Longest reconnect delay.
@@ -291,6 +295,8 @@ impl Default for RawCloud {
             batch_max_records: 500,
             batch_max_bytes: SizeValue::Text("64KiB".into()),
             max_inflight: 16,
+            drain: "fifo".into(),
+            max_bytes_per_sec: None,
             backoff_min: DurationValue::Text("500ms".into()),
             backoff_max: DurationValue::Text("60s".into()),
             shutdown_grace: DurationValue::Text("5s".into()),
@@ -367,6 +373,8 @@ pub struct CloudConfig {
     pub batch_max_bytes: usize,
     /// Publishes in flight.
     pub max_inflight: usize,
+    /// Upstream byte-rate cap.
+    pub max_bytes_per_sec: Option<u64>,
     /// Reconnect delay bounds.
     pub backoff: (Duration, Duration),
     /// Shutdown grace.
@@ -791,6 +799,27 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
     if c.max_inflight == 0 || c.max_inflight > 1000 {
         return Err(invalid("cloud.max_inflight", "must be 1..=1000"));
     }
+    match c.drain.as_str() {
+        "fifo" => {}
+        "live_first" => {
+            return Err(invalid(
+                "cloud.drain",
+                "\"live_first\" is not built yet; use \"fifo\"",
+            ));
+        }
+        other => {
+            return Err(invalid("cloud.drain", format!("{other:?} is not \"fifo\"")));
+        }
+    }
+    let max_bytes_per_sec = match &c.max_bytes_per_sec {
+        None => None,
+        Some(v) => Some(parse_size(v).filter(|n| *n >= 1024).ok_or_else(|| {
+            invalid(
+                "cloud.max_bytes_per_sec",
+                format!("{v} is not a size of at least 1KiB"),
+            )
+        })?),
+    };
     Ok(CloudConfig {
         host,
         port,
@@ -803,6 +832,7 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
         batch_max_records: c.batch_max_records,
         batch_max_bytes,
         max_inflight: c.max_inflight,
+        max_bytes_per_sec,
         backoff: (backoff_min, backoff_max),
         shutdown_grace: dur("cloud.shutdown_grace", &c.shutdown_grace)?,
     })

@@ -29,6 +29,7 @@
 //! ```
 
 pub mod clock;
+pub mod drain;
 pub mod outbox;
 pub mod profile;
 pub mod record;

@@ -10,7 +10,11 @@
 //! deletes exactly the records of the publish that carried them. When the
 //! connection drops, everything in flight is forgotten and the next connection
 //! leases from the head of the outbox again (same seqs: at-least-once).
+//!
+//! What is sent next is decided by [`DrainSchedule`]: streams in weighted
+//! round robin by priority, each in seq order, within `cloud.max_bytes_per_sec`.
 
+use crate::drain::DrainSchedule;
 use crate::outbox::{Leased, Outbox};
 use crate::profile::{self, GenericTopics};
 use crate::record::Seq;
@@ -60,6 +64,8 @@ pub struct UplinkConfig {
     pub batch_max_bytes: usize,
     /// Most publishes awaiting PUBACK.
     pub max_inflight: usize,
+    /// Cap on telemetry payload bytes per second, if any.
+    pub max_bytes_per_sec: Option<u64>,
     /// First reconnect delay.
     pub backoff_min: Duration,
     /// Longest reconnect delay.
@@ -299,19 +305,26 @@ impl Uplink {
         let mut pending: VecDeque<Sent> = VecDeque::new();
         let mut inflight: HashMap<u16, Sent> = HashMap::new();
         let mut committed = self.outbox.committed();
-        let mut cursor = Seq(0);
+        let mut schedule = DrainSchedule::new(
+            &self.outbox.streams(),
+            self.config.max_bytes_per_sec,
+            Instant::now(),
+        );
+        let mut throttled: Option<tokio::time::Instant> = None;
         let mut connected = false;
         let mut deadline: Option<tokio::time::Instant> = None;
 
         loop {
             if connected
                 && deadline.is_none()
+                && throttled.is_none()
                 && let Err(e) = self
                     .fill(
                         &client,
                         &mut pending,
                         inflight.len(),
-                        &mut cursor,
+                        &mut schedule,
+                        &mut throttled,
                         &committed,
                     )
                     .await
@@ -365,6 +378,9 @@ impl Uplink {
                     }
                     deadline = Some(tokio::time::Instant::now() + self.config.shutdown_grace);
                 }
+                () = sleep_until_opt(throttled), if throttled.is_some() => {
+                    throttled = None;
+                }
                 () = sleep_until_opt(deadline) => {
                     tracing::warn!(unacked = inflight.len() + pending.len(), "shutdown grace over; unacked records stay in the outbox");
                     return Ended::Shutdown;
@@ -373,29 +389,37 @@ impl Uplink {
         }
     }
 
-    /// Leases and publishes new records while the in-flight window has room.
+    /// Leases and publishes new records while the in-flight window has room,
+    /// taking streams in the schedule's weighted order and within the byte
+    /// rate cap (setting `throttled` when over it).
     async fn fill(
         &self,
         client: &AsyncClient,
         pending: &mut VecDeque<Sent>,
         inflight: usize,
-        cursor: &mut Seq,
+        schedule: &mut DrainSchedule,
+        throttled: &mut Option<tokio::time::Instant>,
         committed: &tokio::sync::watch::Receiver<Seq>,
     ) -> Result<(), String> {
-        while pending.len() + inflight < self.config.max_inflight && *committed.borrow() > *cursor {
+        while pending.len() + inflight < self.config.max_inflight {
+            let high = *committed.borrow();
+            let Some((stream, cursor)) = schedule.next(high) else {
+                break;
+            };
             let leased = self
                 .outbox
-                .lease_after(
-                    *cursor,
+                .lease(
+                    Some(&stream),
+                    cursor,
                     self.config.batch_max_records,
                     self.config.batch_max_bytes as u64,
                 )
                 .await
                 .map_err(|e| format!("outbox read failed: {e}"))?;
             if leased.is_empty() {
-                // Everything after the cursor was evicted or acked meanwhile.
-                *cursor = *committed.borrow();
-                break;
+                // Everything after the cursor was acked or evicted meanwhile.
+                schedule.exhausted(&stream, high);
+                continue;
             }
             let (payload, n) = profile::telemetry_payload(
                 &self.config.gateway_id,
@@ -404,6 +428,10 @@ impl Uplink {
                 self.config.batch_max_bytes,
             )
             .map_err(|e| format!("cannot encode a batch: {e}"))?;
+            if let Err(at) = schedule.spend(payload.len(), Instant::now()) {
+                *throttled = Some(tokio::time::Instant::from_std(at));
+                break;
+            }
             let seqs: Vec<Seq> = leased[..n].iter().map(|l: &Leased| l.seq).collect();
             let last_seq = seqs[n - 1];
             client
@@ -415,7 +443,7 @@ impl Uplink {
                 )
                 .map_err(|e| format!("cannot queue a publish: {e}"))?;
             pending.push_back(Sent::Batch(seqs));
-            *cursor = last_seq;
+            schedule.advanced(&stream, last_seq);
         }
         Ok(())
     }
