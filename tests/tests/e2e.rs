@@ -683,3 +683,112 @@ fn a_broker_certificate_from_another_ca_is_refused_and_readings_wait() {
     assert_eq!(st["outbox"]["records"], 10);
     assert!(w.observer().records().is_empty());
 }
+
+#[test]
+fn queue_peek_purge_and_check_work_with_the_daemon_running_or_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    let token = gw.add_device("dev-1");
+    gw.start();
+    assert!(
+        curl_codes(curl_posts(&gw.url(&token), &bodies(0, 5)))
+            .iter()
+            .all(|c| *c == 200)
+    );
+
+    let peek: Json =
+        serde_json::from_slice(&gw.cli(&["queue", "peek", "-n", "2", "--json"]).stdout).unwrap();
+    assert_eq!(peek.as_array().unwrap().len(), 2);
+    assert_eq!(peek[0]["device"], "dev-1");
+    assert_eq!(peek[0]["stream"], "telemetry");
+    assert_eq!(
+        (
+            peek[0]["values"]["n"].as_i64(),
+            peek[1]["values"]["n"].as_i64()
+        ),
+        (Some(0), Some(1))
+    );
+    assert!(peek[0]["seq"].as_u64() < peek[1]["seq"].as_u64());
+
+    let out = gw.cli(&["queue", "check"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+
+    let out = gw.cli(&["queue", "purge", "--older-than", "1h"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "purged 0 records"
+    );
+    pause(Duration::from_millis(1100));
+    let out = gw.cli(&[
+        "queue",
+        "purge",
+        "--older-than",
+        "1s",
+        "--stream",
+        "telemetry",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "purged 5 records",
+        "through the daemon"
+    );
+    let st = gw.status();
+    assert_eq!(st["outbox"]["records"], 0);
+    assert_eq!(st["outbox"]["dropped"]["purged"], 5);
+    assert_eq!(st["outbox"]["streams"]["telemetry"]["dropped"]["purged"], 5);
+
+    assert!(
+        curl_codes(curl_posts(&gw.url(&token), &bodies(5, 8)))
+            .iter()
+            .all(|c| *c == 200)
+    );
+    assert_eq!(gw.stop(), Some(0));
+    pause(Duration::from_millis(20));
+    let out = gw.cli(&["queue", "purge", "--older-than", "0s"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "purged 3 records",
+        "daemon stopped"
+    );
+    let q: Json = serde_json::from_slice(&gw.cli(&["queue", "stats", "--json"]).stdout).unwrap();
+    assert_eq!(
+        (q["records"].as_u64(), q["dropped"]["purged"].as_u64()),
+        (Some(0), Some(8))
+    );
+    assert!(gw.cli(&["queue", "check"]).status.success());
+
+    let out = gw.cli(&["queue", "peek", "--stream", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown outbox stream"));
+    let out = gw.cli(&["queue", "purge", "--older-than", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_corrupt_outbox_is_set_aside_and_the_daemon_starts_anyway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    let token = gw.add_device("dev-1");
+    std::fs::create_dir_all(tmp.path().join("state")).unwrap();
+    std::fs::write(
+        tmp.path().join("state/outbox.db"),
+        b"this is not a database, it is a very bad day".repeat(200),
+    )
+    .unwrap();
+    gw.start();
+    assert_eq!(curl(&["-d", "{\"n\":1}", &gw.url(&token)]).0, 200);
+    let st = gw.status();
+    assert_eq!(st["outbox"]["corrupt_set_aside"], 1);
+    assert_eq!(st["outbox"]["records"], 1);
+    let moved = std::fs::read_dir(tmp.path().join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("outbox.db.corrupt-")
+        })
+        .count();
+    assert_eq!(moved, 1);
+}
