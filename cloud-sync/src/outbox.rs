@@ -1081,14 +1081,16 @@ fn dropped_map(d: &[u64; 5]) -> BTreeMap<String, u64> {
 }
 
 fn stats_of(conn: &Connection, totals: &Totals) -> rusqlite::Result<OutboxStats> {
-    let mut oldest_stmt = conn
-        .prepare_cached("SELECT accepted_ms FROM records WHERE stream = ?1 ORDER BY seq LIMIT 1")?;
     let mut streams = BTreeMap::new();
     let mut dropped = [0u64; 5];
     let mut oldest: Option<i64> = None;
     for s in &totals.streams {
         let o: Option<i64> = if s.records > 0 {
-            oldest_stmt.query_row([s.id], |r| r.get(0)).optional()?
+            conn.prepare_cached(
+                "SELECT accepted_ms FROM records WHERE stream = ?1 ORDER BY seq LIMIT 1",
+            )?
+            .query_row([s.id], |r| r.get(0))
+            .optional()?
         } else {
             None
         };
@@ -1135,13 +1137,59 @@ pub fn read_stats(path: &Path) -> Result<OutboxStats, OutboxError> {
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(sql)?;
-    if found < 2 {
-        // Never opened by this binary yet: report it empty rather than migrate
-        // from a read-only command.
+    if found == 0 {
+        // Created but never initialised (e.g. killed during its first start).
         return stats_of(&conn, &Totals::default()).map_err(sql);
+    }
+    if found == 1 {
+        // Not migrated yet (a read-only command must not migrate): schema 1's
+        // totals, all in the telemetry stream.
+        return stats_v1(&conn).map_err(sql);
     }
     let totals = read_totals(&conn).map_err(sql)?;
     stats_of(&conn, &totals).map_err(sql)
+}
+
+fn stats_v1(conn: &Connection) -> rusqlite::Result<OutboxStats> {
+    let v = |k: &str| read_meta_value(conn, k).map(|v| to_u64(v.unwrap_or(0)));
+    let mut dropped = [0u64; 5];
+    for (d, k) in dropped.iter_mut().zip([
+        "dropped_full",
+        "dropped_expired",
+        "dropped_purged",
+        "dropped_rejected",
+        "dropped_corrupt",
+    ]) {
+        *d = v(k)?;
+    }
+    let oldest: Option<i64> = conn
+        .query_row(
+            "SELECT accepted_ms FROM records ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let (records, bytes) = (v("records")?, v("bytes")?);
+    let mut streams = BTreeMap::new();
+    streams.insert(
+        DEFAULT_STREAM.to_owned(),
+        StreamStats {
+            priority: 5,
+            records,
+            bytes,
+            dropped: dropped_map(&dropped),
+            oldest_accepted_ms: oldest,
+        },
+    );
+    Ok(OutboxStats {
+        records,
+        bytes,
+        dropped: dropped_map(&dropped),
+        records_acked: v("acked")?,
+        oldest_accepted_ms: oldest,
+        corrupt_set_aside: 0,
+        streams,
+    })
 }
 
 /// Reads up to `n` of the oldest records (of `stream`, or all), for the CLI.

@@ -710,3 +710,41 @@ fn a_full_disk_refuses_appends_like_reject_and_ingest_resumes_when_space_returns
         o.close().await;
     });
 }
+
+#[test]
+fn read_stats_reports_uninitialised_and_schema_1_files_without_migrating_them() {
+    let d = Dir::new();
+    let p = d.dir.path().join("outbox.db");
+    Connection::open(&p)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 0")
+        .unwrap();
+    assert_eq!(read_stats(&p).unwrap().records, 0);
+    std::fs::remove_file(&p).unwrap();
+    {
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch(SCHEMA_V1).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        let body = rec("old", 1).encode().unwrap();
+        c.execute(
+            "INSERT INTO records (seq, accepted_ms, len, body) VALUES (1, 5, 30, ?1)",
+            [body],
+        )
+        .unwrap();
+        for (k, v) in [("records", 1), ("bytes", 30), ("acked", 4)] {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                params![k, v],
+            )
+            .unwrap();
+        }
+    }
+    let st = read_stats(&p).unwrap();
+    assert_eq!((st.records, st.bytes, st.records_acked), (1, 30, 4));
+    assert_eq!(st.streams["telemetry"].oldest_accepted_ms, Some(5));
+    let v: i64 = Connection::open(&p)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 1, "a read-only command does not migrate");
+}
