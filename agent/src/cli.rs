@@ -13,6 +13,27 @@ use sluice_cloud_sync::outbox;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `println!` that ends the program quietly when stdout is gone (e.g.
+/// `sluice queue stats | head -1`) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// `print!` with the same handling as [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if write!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sluice",
@@ -186,7 +207,7 @@ fn init_logging(cfg: &Config, cli_format: Option<&str>) {
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), Failure> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -221,7 +242,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::CheckConfig => {
-            print!("{}", config::effective_toml(&cfg)?);
+            out!("{}", config::effective_toml(&cfg)?);
             Ok(())
         }
         Command::Status { json } => {
@@ -269,16 +290,20 @@ fn queue(cfg: &Config, cmd: QueueCmd) -> Result<(), Failure> {
             if json {
                 return print_json(&st);
             }
-            println!("records        {}", st.records);
-            println!("bytes          {}", st.bytes);
-            println!("oldest age     {}", age_text(st.oldest_accepted_ms));
-            println!("records acked  {}", st.records_acked);
+            outln!("records        {}", st.records);
+            outln!("bytes          {}", st.bytes);
+            outln!("oldest age     {}", age_text(st.oldest_accepted_ms));
+            outln!("records acked  {}", st.records_acked);
             let drops: Vec<String> = st.dropped.iter().map(|(r, n)| format!("{r}={n}")).collect();
-            println!("dropped        {}", drops.join(" "));
-            println!();
-            println!(
+            outln!("dropped        {}", drops.join(" "));
+            outln!();
+            outln!(
                 "{:<14} {:>4} {:>10} {:>12} {:>8}  DROPPED",
-                "STREAM", "PRIO", "RECORDS", "BYTES", "OLDEST"
+                "STREAM",
+                "PRIO",
+                "RECORDS",
+                "BYTES",
+                "OLDEST"
             );
             for (name, s) in &st.streams {
                 let drops: Vec<String> = s
@@ -287,7 +312,7 @@ fn queue(cfg: &Config, cmd: QueueCmd) -> Result<(), Failure> {
                     .filter(|(_, n)| **n > 0)
                     .map(|(r, n)| format!("{r}={n}"))
                     .collect();
-                println!(
+                outln!(
                     "{name:<14} {:>4} {:>10} {:>12} {:>8}  {}",
                     s.priority,
                     s.records,
@@ -325,7 +350,7 @@ fn queue(cfg: &Config, cmd: QueueCmd) -> Result<(), Failure> {
                     .iter()
                     .map(|(k, v)| format!("{k}={}", value_text(v)))
                     .collect();
-                println!(
+                outln!(
                     "{:>10} {:<12} {:<20} ts={}{} age={} {}",
                     l.seq.0,
                     l.stream,
@@ -378,7 +403,7 @@ fn queue(cfg: &Config, cmd: QueueCmd) -> Result<(), Failure> {
                 }
                 Err(e) => return Err(e.into()),
             };
-            println!("purged {purged} records");
+            outln!("purged {purged} records");
             Ok(())
         }
         QueueCmd::Check { json } => {
@@ -394,10 +419,10 @@ fn queue(cfg: &Config, cmd: QueueCmd) -> Result<(), Failure> {
             if json {
                 print_json(&report)?;
             } else if report.ok {
-                println!("ok");
+                outln!("ok");
             } else {
                 for m in &report.messages {
-                    println!("{m}");
+                    outln!("{m}");
                 }
             }
             if report.ok {
@@ -423,7 +448,7 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
     match cmd {
         DevicesCmd::Add { name, kind, token } => {
             let token = db.add(&name, &kind, token.as_deref())?;
-            println!("{token}");
+            outln!("{token}");
             notify_registry_change(cfg);
         }
         DevicesCmd::List { json } => {
@@ -431,10 +456,10 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
             if json {
                 print_json(&list)?;
             } else {
-                println!("{:<24} {:<16} STATE", "NAME", "TYPE");
+                outln!("{:<24} {:<16} STATE", "NAME", "TYPE");
                 for d in list {
                     let state = if d.revoked { "revoked" } else { "active" };
-                    println!("{:<24} {:<16} {state}", d.name, d.kind);
+                    outln!("{:<24} {:<16} {state}", d.name, d.kind);
                 }
             }
         }
@@ -443,19 +468,19 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
             if json {
                 print_json(&d)?;
             } else {
-                println!("name     {}", d.name);
-                println!("type     {}", d.kind);
-                println!("state    {}", if d.revoked { "revoked" } else { "active" });
-                println!("created  {} (unix ms)", d.created_ms);
+                outln!("name     {}", d.name);
+                outln!("type     {}", d.kind);
+                outln!("state    {}", if d.revoked { "revoked" } else { "active" });
+                outln!("created  {} (unix ms)", d.created_ms);
             }
         }
         DevicesCmd::Revoke { name } => {
             db.revoke(&name)?;
-            println!("revoked {name}");
+            outln!("revoked {name}");
             notify_registry_change(cfg);
         }
         DevicesCmd::RotateToken { name } => {
-            println!("{}", db.rotate_token(&name)?);
+            outln!("{}", db.rotate_token(&name)?);
             notify_registry_change(cfg);
         }
     }
@@ -470,7 +495,7 @@ fn print_status(st: &Json) {
             other => other.to_string(),
         })
     };
-    println!(
+    outln!(
         "sluice {}  gateway {} (epoch {})  up {}s",
         s("/version"),
         s("/gateway/id"),
@@ -479,10 +504,10 @@ fn print_status(st: &Json) {
     );
     if let Some(Json::Object(l)) = st.get("listeners") {
         for (name, addr) in l {
-            println!("listener {name:<6} {}", addr.as_str().unwrap_or("-"));
+            outln!("listener {name:<6} {}", addr.as_str().unwrap_or("-"));
         }
     }
-    println!(
+    outln!(
         "outbox   {} records, {} bytes, oldest {}s, dropped {}",
         s("/outbox/records"),
         s("/outbox/bytes"),
@@ -490,7 +515,7 @@ fn print_status(st: &Json) {
         s("/outbox/dropped")
     );
     if st.pointer("/uplink/configured") == Some(&Json::Bool(true)) {
-        println!(
+        outln!(
             "uplink   connected={} last ack {}s ago, {} records acked{}",
             s("/uplink/connected"),
             s("/uplink/last_ack_age_s"),
@@ -501,7 +526,7 @@ fn print_status(st: &Json) {
                 .unwrap_or_default()
         );
     } else {
-        println!("uplink   offline mode (no [cloud] configured)");
+        outln!("uplink   offline mode (no [cloud] configured)");
     }
-    println!("devices  {} registered", s("/devices/registered"));
+    outln!("devices  {} registered", s("/devices/registered"));
 }

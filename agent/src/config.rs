@@ -136,6 +136,8 @@ pub struct RawConfig {
     pub cloud: Option<RawCloud>,
     /// `[admin]`
     pub admin: RawAdmin,
+    /// `[metrics]`; absent means off.
+    pub metrics: Option<RawMetrics>,
     /// `[log]`
     pub log: RawLog,
 }
@@ -304,6 +306,22 @@ impl Default for RawCloud {
     }
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Address of /metrics, /healthz and /readyz.
+    pub bind: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
 /// `[admin]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -407,6 +425,8 @@ pub struct Config {
     pub cloud: Option<CloudConfig>,
     /// Admin socket path.
     pub admin_socket: PathBuf,
+    /// Observability listener address, if on.
+    pub metrics_bind: Option<SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -628,6 +648,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(c) => Some(validate_cloud(c, &gateway_id)?),
     };
 
+    let metrics_bind = match &raw.metrics {
+        None => None,
+        Some(m) => Some(m.bind.parse().map_err(|_| {
+            invalid(
+                "metrics.bind",
+                format!("{:?} is not an address like 127.0.0.1:9464", m.bind),
+            )
+        })?),
+    };
     if raw.admin.socket.as_os_str().is_empty() {
         return Err(invalid("admin.socket", "must not be empty"));
     }
@@ -662,6 +691,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         clock,
         cloud,
         admin_socket: raw.admin.socket.clone(),
+        metrics_bind,
         log_format,
         log_level: raw.log.level.clone(),
         raw,

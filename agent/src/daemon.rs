@@ -12,6 +12,7 @@
 use crate::admin::{self, AdminContext};
 use crate::config::Config;
 use crate::http::{self, HttpContext};
+use crate::metrics;
 use crate::registry::Registry;
 use crate::stats::IngestStats;
 use anyhow::Context;
@@ -160,6 +161,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         }
     };
 
+    let metrics_tcp = match cfg.metrics_bind {
+        None => None,
+        Some(bind) => {
+            let tcp = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("metrics.bind {bind}"))?;
+            let addr = tcp.local_addr().context("metrics.bind")?;
+            listeners.insert("metrics", addr.to_string());
+            Some(tcp)
+        }
+    };
     let admin_ctx = Arc::new(AdminContext {
         started,
         gateway_id: cfg.gateway_id.clone(),
@@ -170,6 +182,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         registry: registry.clone(),
         stats: stats.clone(),
     });
+    if let Some(tcp) = metrics_tcp {
+        let router = metrics::router(admin_ctx.clone());
+        let cancel = listeners_cancel.clone();
+        listener_tasks.push(spawn(
+            "metrics listener",
+            Box::pin(async move {
+                let served = axum::serve(tcp, router)
+                    .with_graceful_shutdown(cancel.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            }),
+        ));
+    }
     let admin_task = spawn(
         "admin socket",
         Box::pin(admin::serve(

@@ -112,7 +112,12 @@ async fn telemetry(
         count(IngestResult::Ok);
         return StatusCode::OK.into_response();
     }
-    match ctx.outbox.append(&records).await {
+    let started = std::time::Instant::now();
+    let appended = ctx.outbox.append(&records).await;
+    ctx.stats
+        .commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match appended {
         Ok(_) => {
             count(IngestResult::Ok);
             ctx.stats.count_records(records.len());

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod stats;
 pub mod tbjson;

@@ -2,6 +2,7 @@
 //! `/metrics`. Every label value exists from start-up at 0.
 
 use serde::Serialize;
+use sluice_cloud_sync::histogram::{self, Histogram};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,12 +36,30 @@ const PROTOCOLS: [&str; 3] = ["mqtt", "coap", "http"];
 const RESULTS: [&str; 5] = ["ok", "bad_payload", "unauthorized", "too_large", "rejected"];
 
 /// The counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IngestStats {
     messages: [[AtomicU64; 5]; 3],
     records: AtomicU64,
     auth_failures: [AtomicU64; 3],
+    /// From a listener's append call to the commit's answer.
+    pub commit_seconds: Histogram,
 }
+
+impl Default for IngestStats {
+    fn default() -> Self {
+        Self {
+            messages: Default::default(),
+            records: AtomicU64::new(0),
+            auth_failures: Default::default(),
+            commit_seconds: Histogram::new(histogram::SECONDS),
+        }
+    }
+}
+
+/// Protocol label values, in `Protocol` order.
+pub const PROTOCOLS_LABELS: [&str; 3] = PROTOCOLS;
+/// Result label values, in `IngestResult` order.
+pub const RESULT_LABELS: [&str; 5] = RESULTS;
 
 /// A snapshot for status output.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -30,6 +30,7 @@
 
 pub mod clock;
 pub mod drain;
+pub mod histogram;
 pub mod outbox;
 pub mod profile;
 pub mod record;

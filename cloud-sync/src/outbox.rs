@@ -81,6 +81,7 @@
 //! row: a few b-tree lookups whatever the backlog; nothing scans the table.
 
 use crate::clock::Clock;
+use crate::histogram::{self, Histogram};
 use crate::record::{Record, Seq};
 use crate::statedb;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
@@ -365,6 +366,8 @@ impl Totals {
 struct Shared {
     totals: Mutex<Totals>,
     corrupt_set_aside: AtomicU64,
+    commit_seconds: Histogram,
+    batch_records: Histogram,
 }
 
 /// Handle to the outbox; cheap to clone. All writes go to one writer thread.
@@ -564,6 +567,8 @@ impl Outbox {
         let shared = Arc::new(Shared {
             totals: Mutex::new(Totals::default()),
             corrupt_set_aside: AtomicU64::new(0),
+            commit_seconds: Histogram::new(histogram::SECONDS),
+            batch_records: Histogram::new(histogram::COUNTS),
         });
         let opened = match open_db(path, &config, &clock) {
             Ok(o) => o,
@@ -831,6 +836,22 @@ impl Outbox {
         })
         .await
         .map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Appends the writer's histograms in Prometheus text format:
+    /// `sluice_outbox_commit_seconds` (one group commit, begin to durable) and
+    /// `sluice_outbox_commit_batch_records` (records appended per commit).
+    pub fn render_histograms(&self, out: &mut String) {
+        out.push_str("# HELP sluice_outbox_commit_seconds Duration of one group commit of the outbox writer.\n# TYPE sluice_outbox_commit_seconds histogram\n");
+        self.inner
+            .shared
+            .commit_seconds
+            .render(out, "sluice_outbox_commit_seconds", "");
+        out.push_str("# HELP sluice_outbox_commit_batch_records Records appended per group commit.\n# TYPE sluice_outbox_commit_batch_records histogram\n");
+        self.inner
+            .shared
+            .batch_records
+            .render(out, "sluice_outbox_commit_batch_records", "");
     }
 
     /// Runs `PRAGMA quick_check` on the read connection (a full scan: only on
@@ -1443,9 +1464,16 @@ impl Writer {
 
         let now = self.now();
         let mut replies = Vec::new();
+        let started = std::time::Instant::now();
         let (result, leftover) = self.apply(batch, reserve_error.as_ref(), now, &mut replies);
         match result {
             Ok(()) => {
+                self.shared
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if needed > 0 {
+                    self.shared.batch_records.observe(needed as f64);
+                }
                 self.published(saved_next);
                 replies.into_iter().for_each(Reply::send);
             }

@@ -792,3 +792,52 @@ fn a_corrupt_outbox_is_set_aside_and_the_daemon_starts_anyway() {
         .count();
     assert_eq!(moved, 1);
 }
+
+#[test]
+fn metrics_healthz_and_readyz_are_served_with_every_documented_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    let mut text = std::fs::read_to_string(&gw.config).unwrap();
+    text.push_str("\n[metrics]\nbind = \"127.0.0.1:0\"\n");
+    std::fs::write(&gw.config, text).unwrap();
+    let mut gw = gw;
+    let token = gw.add_device("dev-1");
+    gw.start();
+    let addr = gw.status()["listeners"]["metrics"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(curl(&[&format!("http://{addr}/healthz")]).0, 200);
+    assert_eq!(curl(&[&format!("http://{addr}/readyz")]).0, 200);
+    let (code, before) = curl(&[&format!("http://{addr}/metrics")]);
+    assert_eq!(code, 200);
+    for series in [
+        "sluice_ingest_messages_total{protocol=\"coap\",result=\"too_large\"} 0",
+        "sluice_ingest_commit_seconds_count 0",
+        "sluice_outbox_records{stream=\"telemetry\"} 0",
+        "sluice_outbox_bytes{stream=\"alarms\"} 0",
+        "sluice_outbox_oldest_age_seconds{stream=\"telemetry\"} 0",
+        "sluice_outbox_dropped_total{reason=\"expired\",stream=\"telemetry\"} 0",
+        "sluice_uplink_connected 0",
+        "sluice_uplink_records_acked_total 0",
+        "sluice_devices_connected{protocol=\"mqtt\"} 0",
+        "sluice_auth_failures_total{protocol=\"http\"} 0",
+        "sluice_firmware_bytes_served_total 0",
+        "sluice_outbox_commit_seconds_bucket{le=\"+Inf\"}",
+        "sluice_outbox_commit_batch_records_count",
+    ] {
+        assert!(before.contains(series), "missing {series}");
+    }
+    assert_eq!(curl(&["-d", "{\"n\":1}", &gw.url(&token)]).0, 200);
+    assert_eq!(curl(&["-d", "{\"n\":1}", &gw.url("bad")]).0, 401);
+    let (_, after) = curl(&[&format!("http://{addr}/metrics")]);
+    for series in [
+        "sluice_ingest_messages_total{protocol=\"http\",result=\"ok\"} 1",
+        "sluice_ingest_messages_total{protocol=\"http\",result=\"unauthorized\"} 1",
+        "sluice_ingest_commit_seconds_count 1",
+        "sluice_outbox_records{stream=\"telemetry\"} 1",
+        "sluice_auth_failures_total{protocol=\"http\"} 1",
+    ] {
+        assert!(after.contains(series), "missing {series}");
+    }
+}
