@@ -4,6 +4,7 @@
 //! configuration or usage.
 
 use crate::admin;
+use crate::bench;
 use crate::config::{self, Config, LogFormat};
 use crate::daemon::{self, Exit};
 use crate::registry::RegistryDb;
@@ -69,6 +70,8 @@ enum Command {
     /// Inspect the outbox (works with the daemon stopped).
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Load a running gateway; print msgs/s and ack latency p50/p99.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -251,6 +254,18 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 print_json(&st)
             } else {
                 print_status(&st);
+                Ok(())
+            }
+        }
+        Command::Bench(args) => {
+            let report = bench::run(&cfg, &args).map_err(|e| Failure {
+                code: e.exit_code(),
+                message: e.to_string(),
+            })?;
+            if args.json {
+                print_json(&report)
+            } else {
+                report.print_human();
                 Ok(())
             }
         }

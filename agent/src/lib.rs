@@ -7,6 +7,7 @@
 //! [`admin`] serves the CLI; [`config`] loads and validates the TOML.
 
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

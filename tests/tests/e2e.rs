@@ -841,3 +841,42 @@ fn metrics_healthz_and_readyz_are_served_with_every_documented_series() {
         assert!(after.contains(series), "missing {series}");
     }
 }
+
+#[test]
+fn sluice_bench_loads_a_running_gateway_and_reports_what_it_measured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    gw.start();
+    let url = format!("http://{}", gw.http.as_ref().unwrap());
+    let out = gw.cli(&[
+        "bench",
+        "--protocol",
+        "http",
+        "--devices",
+        "5",
+        "--messages",
+        "2000",
+        "--concurrency",
+        "8",
+        "--url",
+        &url,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], 2000, "{report}");
+    assert!(report["msgs_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["latency_ms"]["p99"].as_f64().unwrap() >= report["latency_ms"]["p50"].as_f64().unwrap());
+    let st = gw.status();
+    assert_eq!(
+        st["outbox"]["records"], 2000,
+        "every acknowledged bench message is stored"
+    );
+    assert_eq!(st["devices"]["registered"], 5);
+    let out = gw.cli(&["bench", "--protocol", "mqtt", "--url", &url]);
+    assert_eq!(out.status.code(), Some(2));
+}
