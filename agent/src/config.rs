@@ -4,6 +4,7 @@
 //! key: `outbox.max_bytes: "12XB" is not a size`.
 
 use serde::{Deserialize, Serialize};
+use sluice_cloud_sync::drain::DrainMode;
 use sluice_cloud_sync::{ClockMode, Durability, OutboxConfig, StreamConfig, UplinkTls, WhenFull};
 use std::fmt;
 use std::net::SocketAddr;
@@ -269,8 +270,10 @@ pub struct RawCloud {
     pub batch_max_bytes: SizeValue,
     /// Most publishes awaiting PUBACK.
     pub max_inflight: usize,
-    /// Drain order: `fifo` (streams by weighted priority, each oldest first).
+    /// Drain order within a stream: `fifo` or `live_first`.
     pub drain: String,
+    /// `live_first`: share of a stream's turns given to the backlog (0–1).
+    pub backfill_share: f64,
     /// Cap on upstream telemetry bytes per second; absent = no cap.
     pub max_bytes_per_sec: Option<SizeValue>,
     /// First reconnect delay.
@@ -298,6 +301,7 @@ impl Default for RawCloud {
             batch_max_bytes: SizeValue::Text("64KiB".into()),
             max_inflight: 16,
             drain: "fifo".into(),
+            backfill_share: 0.25,
             max_bytes_per_sec: None,
             backoff_min: DurationValue::Text("500ms".into()),
             backoff_max: DurationValue::Text("60s".into()),
@@ -393,6 +397,8 @@ pub struct CloudConfig {
     pub max_inflight: usize,
     /// Upstream byte-rate cap.
     pub max_bytes_per_sec: Option<u64>,
+    /// Drain order within a stream.
+    pub drain: DrainMode,
     /// Reconnect delay bounds.
     pub backoff: (Duration, Duration),
     /// Shutdown grace.
@@ -829,18 +835,24 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
     if c.max_inflight == 0 || c.max_inflight > 1000 {
         return Err(invalid("cloud.max_inflight", "must be 1..=1000"));
     }
-    match c.drain.as_str() {
-        "fifo" => {}
-        "live_first" => {
+    if !(0.0..=1.0).contains(&c.backfill_share) {
+        return Err(invalid(
+            "cloud.backfill_share",
+            format!("{} must be between 0 and 1", c.backfill_share),
+        ));
+    }
+    let drain = match c.drain.as_str() {
+        "fifo" => DrainMode::Fifo,
+        "live_first" => DrainMode::LiveFirst {
+            backfill_share: c.backfill_share,
+        },
+        other => {
             return Err(invalid(
                 "cloud.drain",
-                "\"live_first\" is not built yet; use \"fifo\"",
+                format!("{other:?} is not \"fifo\" or \"live_first\""),
             ));
         }
-        other => {
-            return Err(invalid("cloud.drain", format!("{other:?} is not \"fifo\"")));
-        }
-    }
+    };
     let max_bytes_per_sec = match &c.max_bytes_per_sec {
         None => None,
         Some(v) => Some(parse_size(v).filter(|n| *n >= 1024).ok_or_else(|| {
@@ -863,6 +875,7 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
         batch_max_bytes,
         max_inflight: c.max_inflight,
         max_bytes_per_sec,
+        drain,
         backoff: (backoff_min, backoff_max),
         shutdown_grace: dur("cloud.shutdown_grace", &c.shutdown_grace)?,
     })

@@ -145,6 +145,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                     batch_max_bytes: c.batch_max_bytes,
                     max_inflight: c.max_inflight,
                     max_bytes_per_sec: c.max_bytes_per_sec,
+                    drain: c.drain,
                     backoff_min: c.backoff.0,
                     backoff_max: c.backoff.1,
                     shutdown_grace: c.shutdown_grace,

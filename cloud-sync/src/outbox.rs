@@ -85,7 +85,7 @@ use crate::histogram::{self, Histogram};
 use crate::record::{Record, Seq};
 use crate::statedb;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -284,6 +284,49 @@ pub struct Leased {
     pub record: Record,
 }
 
+/// A device's key in the outbox: a 63-bit FNV-1a hash of its name (two
+/// devices sharing one only makes the drain keep their records in one order).
+pub fn device_key(device: &crate::record::DeviceName) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in device.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::try_from(h >> 1).unwrap_or(0)
+}
+
+/// Which devices' records a lease takes.
+#[derive(Debug, Clone, Default)]
+pub enum DeviceFilter {
+    /// Everyone's.
+    #[default]
+    All,
+    /// Only these devices' (keys from [`device_key`]).
+    Only(Arc<HashSet<i64>>),
+    /// Everyone's but these devices'.
+    Except(Arc<HashSet<i64>>),
+}
+
+impl DeviceFilter {
+    fn takes(&self, dev: i64) -> bool {
+        match self {
+            DeviceFilter::All => true,
+            DeviceFilter::Only(s) => s.contains(&dev),
+            DeviceFilter::Except(s) => !s.contains(&dev),
+        }
+    }
+}
+
+/// What a filtered lease found.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseBatch {
+    /// The records taken, in seq order.
+    pub records: Vec<Leased>,
+    /// The last seq examined (taken or passed over by the filter); the next
+    /// lease of the same part starts after it.
+    pub scanned_to: Option<Seq>,
+}
+
 /// Drop reasons, as counted and reported.
 pub const DROP_REASONS: [&str; 5] = ["full", "expired", "purged", "rejected", "corrupt"];
 const FULL: usize = 0;
@@ -389,7 +432,7 @@ struct Inner {
 enum Command {
     Append {
         stream: String,
-        bodies: Vec<(Vec<u8>, bool)>,
+        bodies: Vec<(Vec<u8>, bool, i64)>,
         reply: oneshot::Sender<Result<AppendReceipt, AppendError>>,
     },
     Ack(Vec<Seq>),
@@ -658,7 +701,10 @@ impl Outbox {
         }
         let bodies = records
             .iter()
-            .map(|r| r.encode().map(|b| (b, !r.ts_trusted)))
+            .map(|r| {
+                r.encode()
+                    .map(|b| (b, !r.ts_trusted, device_key(&r.device)))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(AppendError::Encode)?;
         let (reply, rx) = oneshot::channel();
@@ -767,6 +813,25 @@ impl Outbox {
         max_records: usize,
         max_bytes: u64,
     ) -> Result<Vec<Leased>, OutboxError> {
+        Ok(self
+            .lease_where(stream, after, max_records, max_bytes, DeviceFilter::All)
+            .await?
+            .records)
+    }
+
+    /// [`Outbox::lease`] taking only the records `filter` admits; rows passed
+    /// over still advance [`LeaseBatch::scanned_to`]. One call examines a
+    /// bounded number of rows.
+    ///
+    /// Fails as [`Outbox::lease`] does.
+    pub async fn lease_where(
+        &self,
+        stream: Option<&str>,
+        after: Seq,
+        max_records: usize,
+        max_bytes: u64,
+        filter: DeviceFilter,
+    ) -> Result<LeaseBatch, OutboxError> {
         let stream = match stream {
             None => None,
             Some(s) => Some(
@@ -777,11 +842,11 @@ impl Outbox {
         };
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || {
-            inner.read_after(stream, after, max_records, max_bytes)
+            inner.read_after(stream, after, max_records, max_bytes, &filter)
         })
         .await
         .map_err(|_| OutboxError::Closed)?;
-        let (leased, corrupt) = match result {
+        let (batch, corrupt) = match result {
             Ok(v) => v,
             Err(OutboxError::Sqlite { path, source }) if is_corruption(&source) => {
                 let _ = self.send(Command::SetAside(source.to_string())).await;
@@ -793,7 +858,44 @@ impl Outbox {
             tracing::error!(count = corrupt.len(), first = %corrupt[0], "dropping undecodable outbox rows");
             self.send(Command::DropCorrupt(corrupt)).await?;
         }
-        Ok(leased)
+        Ok(batch)
+    }
+
+    /// The keys of the devices that have records in `stream` (one index probe
+    /// per device, not a scan of the records).
+    ///
+    /// Fails for an unknown stream, when SQLite fails, or after shutdown.
+    pub async fn devices_in(&self, stream: &str) -> Result<HashSet<i64>, OutboxError> {
+        let id = self
+            .inner
+            .stream_id(stream)
+            .ok_or_else(|| OutboxError::UnknownStream(stream.to_owned()))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let sql = |source| OutboxError::Sqlite {
+                path: inner.path.clone(),
+                source,
+            };
+            let conn = inner.reader.lock().map_err(|_| OutboxError::Closed)?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT dev FROM records WHERE stream = ?1 AND dev > ?2 ORDER BY dev LIMIT 1",
+                )
+                .map_err(sql)?;
+            let mut out = HashSet::new();
+            let mut after = i64::MIN;
+            while let Some(dev) = stmt
+                .query_row(params![id, after], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(sql)?
+            {
+                out.insert(dev);
+                after = dev;
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| OutboxError::Closed)?
     }
 
     /// [`Outbox::lease`] over all streams.
@@ -917,7 +1019,8 @@ impl Inner {
         after: Seq,
         max_records: usize,
         max_bytes: u64,
-    ) -> Result<(Vec<Leased>, Vec<Seq>), OutboxError> {
+        filter: &DeviceFilter,
+    ) -> Result<(LeaseBatch, Vec<Seq>), OutboxError> {
         let sql = |source| OutboxError::Sqlite {
             path: self.path.clone(),
             source,
@@ -932,14 +1035,19 @@ impl Inner {
             .map(|s| (s.id, s.name.clone()))
             .collect();
         let conn = self.reader.lock().map_err(|_| OutboxError::Closed)?;
-        let limit = i64::try_from(max_records).unwrap_or(i64::MAX);
+        // A filtered lease may pass over rows; bound the rows one call examines.
+        let scan = match filter {
+            DeviceFilter::All => max_records,
+            _ => max_records.saturating_mul(8).max(1024),
+        };
+        let limit = i64::try_from(scan).unwrap_or(i64::MAX);
         let mut stmt = match stream {
             Some(_) => conn.prepare_cached(
-                "SELECT seq, stream, accepted_ms, len, body FROM records
+                "SELECT seq, stream, accepted_ms, len, body, dev FROM records
                  WHERE stream = ?3 AND seq > ?1 ORDER BY seq LIMIT ?2",
             ),
             None => conn.prepare_cached(
-                "SELECT seq, stream, accepted_ms, len, body FROM records
+                "SELECT seq, stream, accepted_ms, len, body, dev FROM records
                  WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             ),
         }
@@ -952,14 +1060,21 @@ impl Inner {
         let mut leased = Vec::new();
         let mut corrupt = Vec::new();
         let mut bytes = 0u64;
+        let mut scanned_to = None;
         while let Some(row) = rows.next().map_err(sql)? {
             let seq = Seq(to_u64(row.get(0).map_err(sql)?));
             let stream_id: i64 = row.get(1).map_err(sql)?;
             let accepted_ms: i64 = row.get(2).map_err(sql)?;
             let len = to_u64(row.get(3).map_err(sql)?);
-            if !leased.is_empty() && bytes + len > max_bytes {
+            let dev: i64 = row.get(5).map_err(sql)?;
+            if !filter.takes(dev) {
+                scanned_to = Some(seq);
+                continue;
+            }
+            if leased.len() >= max_records || (!leased.is_empty() && bytes + len > max_bytes) {
                 break;
             }
+            scanned_to = Some(seq);
             let body = row.get_ref(4).map_err(sql)?;
             match body.as_blob().ok().map(Record::decode) {
                 Some(Ok(record)) => {
@@ -982,7 +1097,13 @@ impl Inner {
                 None => corrupt.push(seq),
             }
         }
-        Ok((leased, corrupt))
+        Ok((
+            LeaseBatch {
+                records: leased,
+                scanned_to,
+            },
+            corrupt,
+        ))
     }
 }
 
@@ -999,7 +1120,9 @@ const MIGRATE_V1_TO_V2: &str = "ALTER TABLE records ADD COLUMN stream INTEGER NO
      ALTER TABLE records ADD COLUMN boot INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE records ADD COLUMN mono_ms INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE records ADD COLUMN untrusted INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE records ADD COLUMN dev INTEGER NOT NULL DEFAULT 0;
      CREATE INDEX records_stream_seq ON records (stream, seq);
+     CREATE INDEX records_stream_dev ON records (stream, dev);
      CREATE INDEX records_untrusted ON records (boot) WHERE untrusted = 1;
      CREATE TABLE streams (
          id INTEGER PRIMARY KEY,
@@ -1847,7 +1970,7 @@ fn append(
     next_seq: &mut u64,
     now: Now,
     stream: &str,
-    bodies: Vec<(Vec<u8>, bool)>,
+    bodies: Vec<(Vec<u8>, bool, i64)>,
 ) -> rusqlite::Result<Result<AppendReceipt, AppendError>> {
     let Some(si) = totals.streams.iter().position(|s| s.name == stream) else {
         return Ok(Err(AppendError::UnknownStream(stream.to_owned())));
@@ -1859,7 +1982,7 @@ fn append(
     }
     let size: u64 = bodies
         .iter()
-        .map(|(b, _)| b.len() as u64 + ROW_OVERHEAD)
+        .map(|(b, _, _)| b.len() as u64 + ROW_OVERHEAD)
         .sum();
     let n = bodies.len() as u64;
     let cap = totals.streams[si].max_bytes.min(config.max_bytes);
@@ -1902,11 +2025,11 @@ fn append(
     }
     let first = *next_seq;
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO records (seq, stream, accepted_ms, life_ms, boot, mono_ms, untrusted, len, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO records (seq, stream, accepted_ms, life_ms, boot, mono_ms, untrusted, len, body, dev)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     let s = &mut totals.streams[si];
-    for (body, untrusted) in bodies {
+    for (body, untrusted, dev) in bodies {
         let len = body.len() as u64 + ROW_OVERHEAD;
         stmt.execute(params![
             to_i64(*next_seq),
@@ -1917,7 +2040,8 @@ fn append(
             now.mono,
             i64::from(untrusted),
             to_i64(len),
-            body
+            body,
+            dev
         ])?;
         *next_seq += 1;
         s.records += 1;

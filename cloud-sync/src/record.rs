@@ -28,7 +28,9 @@ impl fmt::Display for DeviceName {
 
 /// A record's sequence number: unique and strictly increasing for the
 /// gateway's whole life (DESIGN.md invariant 2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Seq(pub u64);
 
 impl fmt::Display for Seq {

@@ -14,7 +14,7 @@
 //! What is sent next is decided by [`DrainSchedule`]: streams in weighted
 //! round robin by priority, each in seq order, within `cloud.max_bytes_per_sec`.
 
-use crate::drain::DrainSchedule;
+use crate::drain::{DrainMode, DrainSchedule};
 use crate::outbox::{Leased, Outbox};
 use crate::profile::{self, GenericTopics};
 use crate::record::Seq;
@@ -66,6 +66,8 @@ pub struct UplinkConfig {
     pub max_inflight: usize,
     /// Cap on telemetry payload bytes per second, if any.
     pub max_bytes_per_sec: Option<u64>,
+    /// Drain order within each stream.
+    pub drain: DrainMode,
     /// First reconnect delay.
     pub backoff_min: Duration,
     /// Longest reconnect delay.
@@ -307,6 +309,7 @@ impl Uplink {
         let mut committed = self.outbox.committed();
         let mut schedule = DrainSchedule::new(
             &self.outbox.streams(),
+            self.config.drain,
             self.config.max_bytes_per_sec,
             Instant::now(),
         );
@@ -343,6 +346,15 @@ impl Uplink {
                         self.status.connected.store(true, Ordering::Relaxed);
                         self.status.set_error(None);
                         tracing::info!("connected to the cloud broker");
+                        if let DrainMode::LiveFirst { .. } = self.config.drain {
+                            let boundary = *committed.borrow();
+                            for (stream, _) in self.outbox.streams() {
+                                match self.outbox.devices_in(&stream).await {
+                                    Ok(devs) => schedule.set_backlog(&stream, devs, boundary),
+                                    Err(e) => return Ended::Lost(format!("outbox read failed: {e}")),
+                                }
+                            }
+                        }
                         let online = profile::status_online(&self.config.version, &self.config.epoch);
                         if client.try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, online).is_ok() {
                             pending.push_back(Sent::Status);
@@ -403,22 +415,28 @@ impl Uplink {
     ) -> Result<(), String> {
         while pending.len() + inflight < self.config.max_inflight {
             let high = *committed.borrow();
-            let Some((stream, cursor)) = schedule.next(high) else {
+            let Some(pick) = schedule.next(high) else {
                 break;
             };
-            let leased = self
+            let batch = self
                 .outbox
-                .lease(
-                    Some(&stream),
-                    cursor,
+                .lease_where(
+                    Some(&pick.stream),
+                    pick.after,
                     self.config.batch_max_records,
                     self.config.batch_max_bytes as u64,
+                    pick.filter,
                 )
                 .await
                 .map_err(|e| format!("outbox read failed: {e}"))?;
+            let leased = batch.records;
             if leased.is_empty() {
-                // Everything after the cursor was acked or evicted meanwhile.
-                schedule.exhausted(&stream, high);
+                match batch.scanned_to {
+                    // Only other devices' rows so far: move past them.
+                    Some(to) => schedule.advanced(&pick.stream, pick.part, to),
+                    // Everything after the cursor was acked or evicted meanwhile.
+                    None => schedule.exhausted(&pick.stream, pick.part, high),
+                }
                 continue;
             }
             let (payload, n) = profile::telemetry_payload(
@@ -433,7 +451,11 @@ impl Uplink {
                 break;
             }
             let seqs: Vec<Seq> = leased[..n].iter().map(|l: &Leased| l.seq).collect();
-            let last_seq = seqs[n - 1];
+            let sent_to = if n == leased.len() {
+                batch.scanned_to.unwrap_or(seqs[n - 1])
+            } else {
+                seqs[n - 1]
+            };
             client
                 .try_publish(
                     self.topics.telemetry.clone(),
@@ -443,7 +465,7 @@ impl Uplink {
                 )
                 .map_err(|e| format!("cannot queue a publish: {e}"))?;
             pending.push_back(Sent::Batch(seqs));
-            schedule.advanced(&stream, last_seq);
+            schedule.advanced(&pick.stream, pick.part, sent_to);
         }
         Ok(())
     }

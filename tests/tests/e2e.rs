@@ -870,7 +870,10 @@ fn sluice_bench_loads_a_running_gateway_and_reports_what_it_measured() {
     let report: Json = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ok"], 2000, "{report}");
     assert!(report["msgs_per_s"].as_f64().unwrap() > 0.0, "{report}");
-    assert!(report["latency_ms"]["p99"].as_f64().unwrap() >= report["latency_ms"]["p50"].as_f64().unwrap());
+    assert!(
+        report["latency_ms"]["p99"].as_f64().unwrap()
+            >= report["latency_ms"]["p50"].as_f64().unwrap()
+    );
     let st = gw.status();
     assert_eq!(
         st["outbox"]["records"], 2000,
@@ -879,4 +882,77 @@ fn sluice_bench_loads_a_running_gateway_and_reports_what_it_measured() {
     assert_eq!(st["devices"]["registered"], 5);
     let out = gw.cli(&["bench", "--protocol", "mqtt", "--url", &url]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A backlog of `old` builds while the broker is down; once the link is up,
+/// `new` (caught up) sends 20 readings while the backlog drains slowly
+/// (rate-capped). Returns the arrival order as (device, n).
+fn backlog_then_live(drain: &str) -> Vec<(String, i64)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(tmp.path());
+    let broker_port = free_port();
+    let spec = GatewaySpec {
+        cloud: Some((broker_port, pki.ca.clone())),
+        cloud_extra: format!(
+            "drain = \"{drain}\"\nbackfill_share = 0.25\nmax_bytes_per_sec = \"4KiB\"\n"
+        ),
+        ..GatewaySpec::default()
+    };
+    let mut gw = Gateway::new(&tmp.path().join("gw"), &spec);
+    let old = gw.add_device("old");
+    let new = gw.add_device("new");
+    gw.start();
+    assert!(
+        curl_codes(curl_posts(&gw.url(&old), &bodies(0, 200)))
+            .iter()
+            .all(|c| *c == 200)
+    );
+    let mut broker = Broker::new(tmp.path(), &pki, broker_port);
+    broker.start();
+    let obs = Observer::start(&broker, &pki, &format!("obs-{drain}"));
+    wait_for("the uplink to connect", Duration::from_secs(20), || {
+        gw.status()["uplink"]["connected"] == true
+    });
+    assert!(
+        curl_codes(curl_posts(&gw.url(&new), &bodies(0, 20)))
+            .iter()
+            .all(|c| *c == 200)
+    );
+    wait_for("all 220 readings", Duration::from_secs(60), || {
+        obs.records().len() >= 220
+    });
+    let recs = obs.records();
+    assert_order_by_seq(&recs);
+    recs.iter()
+        .map(|(_, dev, r)| (dev.clone(), r["values"]["n"].as_i64().unwrap()))
+        .collect()
+}
+
+fn last_index(order: &[(String, i64)], dev: &str) -> usize {
+    order.iter().rposition(|(d, _)| d == dev).unwrap()
+}
+
+#[test]
+fn live_first_sends_caught_up_devices_ahead_of_the_backlog_and_fifo_does_not() {
+    for (drain, live_ahead) in [("live_first", true), ("fifo", false)] {
+        let order = backlog_then_live(drain);
+        for dev in ["old", "new"] {
+            let ns: Vec<i64> = order
+                .iter()
+                .filter(|(d, _)| d == dev)
+                .map(|(_, n)| *n)
+                .collect();
+            let expect: Vec<i64> = (0..if dev == "old" { 200 } else { 20 }).collect();
+            assert_eq!(
+                ns, expect,
+                "{drain}: {dev}'s readings arrive once and in order"
+            );
+        }
+        let (new_done, old_done) = (last_index(&order, "new"), last_index(&order, "old"));
+        assert_eq!(
+            new_done < old_done,
+            live_ahead,
+            "{drain}: new finished at {new_done}, old at {old_done}"
+        );
+    }
 }

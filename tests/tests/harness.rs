@@ -457,6 +457,8 @@ pub struct GatewaySpec {
     /// Authenticate to the broker with this certificate and key instead of
     /// a password.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// More `[cloud]` lines.
+    pub cloud_extra: String,
 }
 
 impl Default for GatewaySpec {
@@ -467,6 +469,7 @@ impl Default for GatewaySpec {
             when_full: "drop_oldest",
             cloud: None,
             client_cert: None,
+            cloud_extra: String::new(),
         }
     }
 }
@@ -494,6 +497,7 @@ impl Gateway {
                  batch_max_records = 50\nbatch_max_bytes = \"2KiB\"\n",
                 ca.display()
             ));
+            text.push_str(&spec.cloud_extra);
             match &spec.client_cert {
                 Some((cert, key)) => text.push_str(&format!(
                     "cert_file = \"{}\"\nkey_file = \"{}\"\n",
