@@ -98,17 +98,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             clock: clock.clone(),
             max_body: h.max_body,
         }));
-        let cancel = listeners_cancel.clone();
         listener_tasks.push(spawn(
             "http listener",
-            Box::pin(async move {
-                let served = axum::serve(tcp, router)
-                    .with_graceful_shutdown(cancel.cancelled_owned())
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP listener failed");
-                }
-            }),
+            Box::pin(serve_http(tcp, router, listeners_cancel.clone())),
         ));
     }
 
@@ -185,17 +177,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     });
     if let Some(tcp) = metrics_tcp {
         let router = metrics::router(admin_ctx.clone());
-        let cancel = listeners_cancel.clone();
         listener_tasks.push(spawn(
             "metrics listener",
-            Box::pin(async move {
-                let served = axum::serve(tcp, router)
-                    .with_graceful_shutdown(cancel.cancelled_owned())
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "metrics listener failed");
-                }
-            }),
+            Box::pin(serve_http(tcp, router, listeners_cancel.clone())),
         ));
     }
     let admin_task = spawn(
@@ -283,6 +267,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let _ = std::fs::remove_file(&cfg.admin_socket);
     tracing::info!("stopped");
     Ok(exit)
+}
+
+/// Serves `router` on `tcp` until `cancel`, then lets in-flight requests
+/// finish (their commits complete).
+async fn serve_http(tcp: tokio::net::TcpListener, router: axum::Router, cancel: CancellationToken) {
+    let addr = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    if let Err(e) = axum::serve(tcp, router)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        tracing::error!(%addr, error = %e, "HTTP server failed");
+    }
 }
 
 async fn shutdown_signal() {

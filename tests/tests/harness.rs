@@ -67,7 +67,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn generate(dir: &Path) -> Self {
-        let p = |n: &str| dir.join(n);
+        let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
         run_ok(
             Command::new("openssl")
                 .args([
@@ -77,6 +77,8 @@ impl Pki {
                     "ec",
                     "-pkeyopt",
                     "ec_paramgen_curve:P-256",
+                ])
+                .args([
                     "-nodes",
                     "-days",
                     "2",
@@ -84,60 +86,30 @@ impl Pki {
                     "/CN=sluice test CA",
                     "-keyout",
                 ])
-                .arg(p("ca.key"))
+                .arg(&ca_key)
                 .arg("-out")
-                .arg(p("ca.crt")),
+                .arg(&ca),
         );
-        run_ok(
-            Command::new("openssl")
-                .args([
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-subj",
-                    "/CN=localhost",
-                    "-keyout",
-                ])
-                .arg(p("server.key"))
-                .arg("-out")
-                .arg(p("server.csr")),
-        );
-        std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-        run_ok(
-            Command::new("openssl")
-                .args(["x509", "-req", "-days", "2", "-in"])
-                .arg(p("server.csr"))
-                .arg("-CA")
-                .arg(p("ca.crt"))
-                .arg("-CAkey")
-                .arg(p("ca.key"))
-                .arg("-CAcreateserial")
-                .arg("-extfile")
-                .arg(p("ext.cnf"))
-                .arg("-out")
-                .arg(p("server.crt")),
-        );
-        Self {
-            ca: p("ca.crt"),
-            cert: p("server.crt"),
-            key: p("server.key"),
-        }
+        let pki = Self {
+            ca,
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        };
+        let (cert, key) = pki.issue("localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost");
+        Self { cert, key, ..pki }
     }
 
     /// A client certificate with common name `cn`, signed by this CA.
     pub fn client_cert(&self, cn: &str) -> (PathBuf, PathBuf) {
+        self.issue(cn, "extendedKeyUsage=clientAuth")
+    }
+
+    /// A P-256 key and a certificate for `cn` signed by this CA, with the
+    /// X.509 v3 extension `ext` (rustls accepts only v3 certificates).
+    fn issue(&self, cn: &str, ext: &str) -> (PathBuf, PathBuf) {
         let dir = self.ca.parent().unwrap();
-        let (key, csr, crt) = (
-            dir.join(format!("{cn}.key")),
-            dir.join(format!("{cn}.csr")),
-            dir.join(format!("{cn}.crt")),
-        );
-        // Extensions make it an X.509 v3 certificate, which rustls requires.
-        let ext = dir.join(format!("{cn}.ext"));
-        std::fs::write(&ext, "extendedKeyUsage=clientAuth\n").unwrap();
+        let path = |suffix: &str| dir.join(format!("{cn}.{suffix}"));
+        std::fs::write(path("ext"), format!("{ext}\n")).unwrap();
         run_ok(
             Command::new("openssl")
                 .args([
@@ -151,25 +123,24 @@ impl Pki {
                 .arg("-subj")
                 .arg(format!("/CN={cn}"))
                 .arg("-keyout")
-                .arg(&key)
+                .arg(path("key"))
                 .arg("-out")
-                .arg(&csr),
+                .arg(path("csr")),
         );
         run_ok(
             Command::new("openssl")
-                .args(["x509", "-req", "-days", "2", "-in"])
-                .arg(&csr)
+                .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+                .arg(path("csr"))
                 .arg("-CA")
                 .arg(&self.ca)
                 .arg("-CAkey")
                 .arg(dir.join("ca.key"))
-                .arg("-CAcreateserial")
                 .arg("-extfile")
-                .arg(&ext)
+                .arg(path("ext"))
                 .arg("-out")
-                .arg(&crt),
+                .arg(path("crt")),
         );
-        (crt, key)
+        (path("crt"), path("key"))
     }
 }
 
