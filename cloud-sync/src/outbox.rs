@@ -388,6 +388,16 @@ struct StreamState {
     records: u64,
     bytes: u64,
     dropped: [u64; 5],
+    /// Device key → change of its record count in the open transaction.
+    dev_delta: std::collections::HashMap<i64, i64>,
+}
+
+impl StreamState {
+    fn removed(&mut self, len: i64, dev: i64) {
+        self.records = self.records.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(to_u64(len));
+        *self.dev_delta.entry(dev).or_default() -= 1;
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -861,8 +871,8 @@ impl Outbox {
         Ok(batch)
     }
 
-    /// The keys of the devices that have records in `stream` (one index probe
-    /// per device, not a scan of the records).
+    /// The keys of the devices that have records in `stream` (from the
+    /// per-device counts kept with the rows, not a scan of the records).
     ///
     /// Fails for an unknown stream, when SQLite fails, or after shutdown.
     pub async fn devices_in(&self, stream: &str) -> Result<HashSet<i64>, OutboxError> {
@@ -878,21 +888,14 @@ impl Outbox {
             };
             let conn = inner.reader.lock().map_err(|_| OutboxError::Closed)?;
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT dev FROM records WHERE stream = ?1 AND dev > ?2 ORDER BY dev LIMIT 1",
-                )
+                .prepare_cached("SELECT dev FROM stream_devices WHERE stream = ?1 AND records > 0")
                 .map_err(sql)?;
-            let mut out = HashSet::new();
-            let mut after = i64::MIN;
-            while let Some(dev) = stmt
-                .query_row(params![id, after], |r| r.get::<_, i64>(0))
-                .optional()
+            let devs = stmt
+                .query_map([id], |r| r.get::<_, i64>(0))
                 .map_err(sql)?
-            {
-                out.insert(dev);
-                after = dev;
-            }
-            Ok(out)
+                .collect::<Result<HashSet<i64>, _>>()
+                .map_err(sql)?;
+            Ok(devs)
         })
         .await
         .map_err(|_| OutboxError::Closed)?
@@ -1122,7 +1125,14 @@ const MIGRATE_V1_TO_V2: &str = "ALTER TABLE records ADD COLUMN stream INTEGER NO
      ALTER TABLE records ADD COLUMN untrusted INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE records ADD COLUMN dev INTEGER NOT NULL DEFAULT 0;
      CREATE INDEX records_stream_seq ON records (stream, seq);
-     CREATE INDEX records_stream_dev ON records (stream, dev);
+     CREATE TABLE stream_devices (
+         stream INTEGER NOT NULL,
+         dev INTEGER NOT NULL,
+         records INTEGER NOT NULL,
+         PRIMARY KEY (stream, dev)
+     ) WITHOUT ROWID;
+     INSERT INTO stream_devices (stream, dev, records)
+         SELECT 1, 0, value FROM meta WHERE key = 'records' AND value > 0;
      CREATE INDEX records_untrusted ON records (boot) WHERE untrusted = 1;
      CREATE TABLE streams (
          id INTEGER PRIMARY KEY,
@@ -1767,7 +1777,7 @@ impl Writer {
                     Command::Restamp | Command::SetAside(_) | Command::Shutdown => {}
                 }
             }
-            write_totals(&tx, &self.totals, now)?;
+            write_totals(&tx, &mut self.totals, now)?;
             tx.commit()
         })();
         (result, leftover)
@@ -1811,7 +1821,7 @@ impl Writer {
                     upd.execute(params![seq, body, to_i64(*len)])?;
                 }
             }
-            write_totals(&tx, &self.totals, now)?;
+            write_totals(&tx, &mut self.totals, now)?;
             tx.commit()?;
             Ok::<usize, rusqlite::Error>(changed.len())
         })();
@@ -1922,7 +1932,7 @@ impl Writer {
                     *r = c;
                 }
                 let now = self.now();
-                if let Err(e) = write_totals(&self.conn, &self.totals, now) {
+                if let Err(e) = write_totals(&self.conn, &mut self.totals, now) {
                     tracing::error!(error = %e, "cannot write the fresh outbox's totals");
                 }
                 self.published(self.next_seq);
@@ -1932,7 +1942,23 @@ impl Writer {
     }
 }
 
-fn write_totals(conn: &Connection, totals: &Totals, now: Now) -> rusqlite::Result<()> {
+fn write_totals(conn: &Connection, totals: &mut Totals, now: Now) -> rusqlite::Result<()> {
+    let mut up = conn.prepare_cached(
+        "INSERT INTO stream_devices (stream, dev, records) VALUES (?1, ?2, ?3)
+         ON CONFLICT (stream, dev) DO UPDATE SET records = records + excluded.records",
+    )?;
+    let mut gone =
+        conn.prepare_cached("DELETE FROM stream_devices WHERE stream = ?1 AND dev = ?2 AND records <= 0")?;
+    for s in &mut totals.streams {
+        for (dev, delta) in s.dev_delta.drain() {
+            if delta != 0 {
+                up.execute(params![s.id, dev, delta])?;
+                if delta < 0 {
+                    gone.execute(params![s.id, dev])?;
+                }
+            }
+        }
+    }
     let mut st = conn.prepare_cached(
         "UPDATE streams SET records = ?2, bytes = ?3, dropped_full = ?4, dropped_expired = ?5,
              dropped_purged = ?6, dropped_rejected = ?7, dropped_corrupt = ?8, priority = ?9
@@ -2046,6 +2072,7 @@ fn append(
         *next_seq += 1;
         s.records += 1;
         s.bytes += len;
+        *s.dev_delta.entry(dev).or_default() += 1;
     }
     Ok(Ok(AppendReceipt {
         first: Seq(first),
@@ -2059,18 +2086,18 @@ fn delete_seqs(
     seqs: &[Seq],
     reason: Option<usize>,
 ) -> rusqlite::Result<u64> {
-    let mut stmt = tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING stream, len")?;
+    let mut stmt =
+        tx.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING stream, len, dev")?;
     let mut n = 0;
     for s in seqs {
-        let row: Option<(i64, i64)> = stmt
-            .query_row([to_i64(s.0)], |r| Ok((r.get(0)?, r.get(1)?)))
+        let row: Option<(i64, i64, i64)> = stmt
+            .query_row([to_i64(s.0)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        if let Some((stream, len)) = row {
+        if let Some((stream, len, dev)) = row {
             n += 1;
             if let Some(i) = totals.index(stream) {
                 let st = &mut totals.streams[i];
-                st.records = st.records.saturating_sub(1);
-                st.bytes = st.bytes.saturating_sub(to_u64(len));
+                st.removed(len, dev);
                 if let Some(r) = reason {
                     st.dropped[r] += 1;
                 }
@@ -2092,17 +2119,18 @@ fn delete_head_older_than(
     let mut stmt = tx.prepare_cached(
         "DELETE FROM records
          WHERE seq = (SELECT min(seq) FROM records WHERE stream = ?1) AND life_ms < ?2
-         RETURNING len",
+         RETURNING len, dev",
     )?;
     let mut n = 0u64;
     while (n as usize) < max {
-        let len: Option<i64> = stmt
-            .query_row(params![stream.id, cutoff_life_ms], |r| r.get(0))
+        let row: Option<(i64, i64)> = stmt
+            .query_row(params![stream.id, cutoff_life_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
-        let Some(len) = len else { break };
+        let Some((len, dev)) = row else { break };
         n += 1;
-        stream.records = stream.records.saturating_sub(1);
-        stream.bytes = stream.bytes.saturating_sub(to_u64(len));
+        stream.removed(len, dev);
         stream.dropped[reason] += 1;
     }
     Ok(n)

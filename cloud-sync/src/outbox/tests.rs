@@ -896,6 +896,11 @@ proptest! {
                     let want: Vec<(Seq, u32)> = model[i].iter().map(|m| (m.0, m.2)).collect();
                     assert_eq!(got, want, "stream {name}");
                     assert_eq!(st.streams[*name].records, model[i].len() as u64);
+                    let devs: std::collections::HashSet<i64> = model[i]
+                        .iter()
+                        .map(|m| device_key(&DeviceName::new(format!("d{}", m.1))))
+                        .collect();
+                    assert_eq!(o.devices_in(name).await.unwrap(), devs, "devices of {name}");
                     // Per device, n rises with seq.
                     for dev in 0..3u8 {
                         let ns: Vec<u32> = model[i].iter().filter(|m| m.1 == dev).map(|m| m.2).collect();
