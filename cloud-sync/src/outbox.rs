@@ -4,7 +4,8 @@
 //!
 //! **Schema** (PRAGMA user_version = 2, `auto_vacuum = INCREMENTAL` from creation):
 //! - `records(seq INTEGER PRIMARY KEY, stream, accepted_ms, life_ms, boot, mono_ms,
-//!   untrusted, len, body)`: one row per record. `body` is [`Record::encode`] (a
+//!   untrusted, len, body, dev)`: one row per record; `dev` is the device's
+//!   key ([`device_key`]). `body` is [`Record::encode`] (a
 //!   version byte + postcard). `len` is the accounted size (body +
 //!   [`ROW_OVERHEAD`]). `accepted_ms` is the wall clock at acceptance (shown to
 //!   operators only); `life_ms` is the gateway's *lifetime monotonic clock* at
@@ -16,10 +17,13 @@
 //!   flagged otherwise, never held back.
 //!   Indexes: `(stream, seq)` for per-stream eviction, expiry and leasing; a
 //!   partial index on `boot` over untrusted rows.
-//! - `streams(id, name, records, bytes, dropped_*)`: per-stream running totals and
-//!   drop counters; `meta(key, value)`: acked count and the lifetime clock. Both
-//!   are updated in the same transaction as the rows they describe, so start-up
-//!   reads totals instead of scanning the table.
+//! - `streams(id, name, priority, records, bytes, dropped_*)`: per-stream running
+//!   totals and drop counters; `stream_devices(stream, dev, records)`: how many
+//!   records each device has waiting per stream (the live-first drain asks which
+//!   devices have a backlog); `meta(key, value)`: acked count and the lifetime
+//!   clock. All are updated in the same transaction as the rows they describe
+//!   (per-device counts summed over the transaction, one upsert per device), so
+//!   start-up reads totals instead of scanning the table.
 //! - Schema 1 (the walking skeleton's) is migrated forward in one transaction
 //!   (columns added with constant defaults: no table rewrite); its rows land in
 //!   the `telemetry` stream.
