@@ -1951,8 +1951,9 @@ fn write_totals(conn: &Connection, totals: &mut Totals, now: Now) -> rusqlite::R
         "INSERT INTO stream_devices (stream, dev, records) VALUES (?1, ?2, ?3)
          ON CONFLICT (stream, dev) DO UPDATE SET records = records + excluded.records",
     )?;
-    let mut gone =
-        conn.prepare_cached("DELETE FROM stream_devices WHERE stream = ?1 AND dev = ?2 AND records <= 0")?;
+    let mut gone = conn.prepare_cached(
+        "DELETE FROM stream_devices WHERE stream = ?1 AND dev = ?2 AND records <= 0",
+    )?;
     for s in &mut totals.streams {
         for (dev, delta) in s.dev_delta.drain() {
             if delta != 0 {
