@@ -967,3 +967,26 @@ fn a_torn_wal_or_a_missing_shm_does_not_stop_the_outbox() {
         o.close().await;
     });
 }
+
+#[test]
+fn a_large_append_is_stored_whole_and_in_order_across_insert_chunks() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let o = d.open(config(1 << 30, WhenFull::DropOldest));
+        let n = ROWS_PER_INSERT as i64 * 3 + 7;
+        let recs: Vec<Record> = (0..n).map(|i| rec(&format!("d{}", i % 5), i)).collect();
+        let r = o.append(&recs).await.unwrap();
+        assert_eq!(r.last.0 - r.first.0 + 1, n as u64);
+        let got = all(&o).await;
+        assert_eq!(
+            got.iter().map(|l| l.record.clone()).collect::<Vec<_>>(),
+            recs
+        );
+        assert!(got.windows(2).all(|w| w[1].seq.0 == w[0].seq.0 + 1));
+        let st = o.stats().await.unwrap();
+        assert_eq!(st.records, n as u64);
+        assert_eq!(st.bytes, got.iter().map(|l| l.len).sum::<u64>());
+        assert_eq!(o.devices_in("telemetry").await.unwrap().len(), 5);
+        o.close().await;
+    });
+}
