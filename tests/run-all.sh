@@ -20,6 +20,12 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
+# paho-mqtt (PyPI) drives the ThingsBoard-style MQTT 5 session test.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
+  echo "installing paho-mqtt"
+  python3 -m pip install --quiet 'paho-mqtt==2.2.0' || echo "warning: paho-mqtt not installed; its test will say SKIPPED"
+fi
+
 rustc -V
 cargo -V
 cargo fmt --all -- --check

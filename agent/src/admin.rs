@@ -68,6 +68,8 @@ pub struct AdminContext {
     pub registry: Arc<Registry>,
     /// Ingest counters.
     pub stats: Arc<IngestStats>,
+    /// Live MQTT sessions (empty when the MQTT listener is off).
+    pub mqtt_sessions: Arc<crate::mqtt::Sessions>,
 }
 
 fn now_ms() -> i64 {
@@ -129,7 +131,7 @@ impl AdminContext {
             "listeners": self.listeners,
             "outbox": outbox,
             "uplink": uplink,
-            "devices": { "registered": self.registry.active_count(), "connected": 0 },
+            "devices": { "registered": self.registry.active_count(), "connected": self.mqtt_sessions.connected() },
             "ingest": self.stats.snapshot(),
         })
     }

@@ -171,6 +171,33 @@ impl Default for RawGateway {
 pub struct RawListeners {
     /// `[listeners.http]`
     pub http: Option<RawHttp>,
+    /// `[listeners.mqtt]`
+    pub mqtt: Option<RawMqtt>,
+}
+
+/// `[listeners.mqtt]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMqtt {
+    /// Address to bind; port 0 picks a free port.
+    pub bind: String,
+    /// Largest MQTT packet accepted (fixed header included).
+    pub max_packet_size: SizeValue,
+    /// Most simultaneous connections; more are closed at accept.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its CONNECT.
+    pub connect_timeout: DurationValue,
+}
+
+impl Default for RawMqtt {
+    fn default() -> Self {
+        Self {
+            bind: "0.0.0.0:1883".into(),
+            max_packet_size: SizeValue::Text("256KiB".into()),
+            max_connections: 1000,
+            connect_timeout: DurationValue::Text("10s".into()),
+        }
+    }
 }
 
 /// `[listeners.http]`
@@ -370,6 +397,20 @@ pub struct HttpListenerConfig {
     pub max_body: usize,
 }
 
+/// The validated MQTT listener.
+#[derive(Debug, Clone)]
+pub struct MqttListenerConfig {
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Largest packet accepted, in bytes (at most 268 435 460, MQTT's own
+    /// limit).
+    pub max_packet_size: usize,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Time allowed between accept and CONNECT.
+    pub connect_timeout: Duration,
+}
+
 /// The validated uplink settings (the agent fills in identity at start).
 #[derive(Debug, Clone)]
 pub struct CloudConfig {
@@ -423,6 +464,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// HTTP listener, if on.
     pub http: Option<HttpListenerConfig>,
+    /// MQTT listener, if on.
+    pub mqtt: Option<MqttListenerConfig>,
     /// Outbox bounds and policy.
     pub outbox: OutboxConfig,
     /// Wall-clock trust.
@@ -549,6 +592,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             })
         }
+    };
+
+    let mqtt = match &raw.listeners.mqtt {
+        None => None,
+        Some(m) => Some(validate_mqtt(m)?),
     };
 
     let o = &raw.outbox;
@@ -687,6 +735,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         gateway_id,
         state_dir: raw.gateway.state_dir.clone(),
         http,
+        mqtt,
         outbox: OutboxConfig {
             max_bytes,
             max_age,
@@ -701,6 +750,50 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         log_format,
         log_level: raw.log.level.clone(),
         raw,
+    })
+}
+
+/// MQTT's largest packet: a 4-byte remaining length (268 435 455) plus the
+/// fixed header.
+const MQTT_MAX_PACKET: u64 = 268_435_460;
+
+fn validate_mqtt(m: &RawMqtt) -> Result<MqttListenerConfig, ConfigError> {
+    let bind: SocketAddr = m.bind.parse().map_err(|_| {
+        invalid(
+            "listeners.mqtt.bind",
+            format!("{:?} is not an address like 0.0.0.0:1883", m.bind),
+        )
+    })?;
+    let max_packet_size = parse_size(&m.max_packet_size)
+        .filter(|n| (1024..=MQTT_MAX_PACKET).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                "listeners.mqtt.max_packet_size",
+                format!(
+                    "{} is not a size between 1KiB and 268435460 bytes",
+                    m.max_packet_size
+                ),
+            )
+        })?;
+    if m.max_connections == 0 || m.max_connections > 1_000_000 {
+        return Err(invalid(
+            "listeners.mqtt.max_connections",
+            format!("{} must be 1..=1000000", m.max_connections),
+        ));
+    }
+    let connect_timeout = parse_duration(&m.connect_timeout)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            invalid(
+                "listeners.mqtt.connect_timeout",
+                format!("{} is not a duration like \"10s\"", m.connect_timeout),
+            )
+        })?;
+    Ok(MqttListenerConfig {
+        bind,
+        max_packet_size: usize::try_from(max_packet_size).unwrap_or(usize::MAX),
+        max_connections: m.max_connections,
+        connect_timeout,
     })
 }
 
@@ -950,6 +1043,41 @@ mod tests {
         assert!(e.to_string().starts_with("outbox.streams.priority:"), "{e}");
         let e = raw("[gateway]\nid = \"g\"\nclock = \"sometimes\"\n").unwrap_err();
         assert!(e.to_string().starts_with("gateway.clock:"), "{e}");
+    }
+
+    #[test]
+    fn the_mqtt_listener_is_off_unless_configured_and_its_keys_are_checked() {
+        assert!(raw("[gateway]\nid = \"g\"\n").unwrap().mqtt.is_none());
+        let m = raw("[gateway]\nid = \"g\"\n[listeners.mqtt]\n")
+            .unwrap()
+            .mqtt
+            .unwrap();
+        assert_eq!(m.bind.to_string(), "0.0.0.0:1883");
+        assert_eq!(m.max_packet_size, 256 << 10);
+        assert_eq!(m.max_connections, 1000);
+        assert_eq!(m.connect_timeout, Duration::from_secs(10));
+        for (body, key) in [
+            ("bind = \"nowhere\"", "listeners.mqtt.bind:"),
+            (
+                "max_packet_size = \"12XB\"",
+                "listeners.mqtt.max_packet_size:",
+            ),
+            (
+                "max_packet_size = \"1GiB\"",
+                "listeners.mqtt.max_packet_size:",
+            ),
+            ("max_connections = 0", "listeners.mqtt.max_connections:"),
+            (
+                "connect_timeout = \"soon\"",
+                "listeners.mqtt.connect_timeout:",
+            ),
+        ] {
+            let e = raw(&format!(
+                "[gateway]\nid = \"g\"\n[listeners.mqtt]\n{body}\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().starts_with(key), "{e}");
+        }
     }
 
     #[test]

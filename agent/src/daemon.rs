@@ -1,5 +1,5 @@
 //! The composition root: `sluice run`. Reading this function tells the whole
-//! data flow: HTTP listener → registry (auth) → ThingsBoard JSON decoder →
+//! data flow: HTTP and MQTT listeners → registry (auth) → ThingsBoard JSON decoder →
 //! outbox (group commit, ack after commit) → uplink (PUBACK → delete); the
 //! admin socket reads everyone's figures.
 //!
@@ -13,6 +13,7 @@ use crate::admin::{self, AdminContext};
 use crate::config::Config;
 use crate::http::{self, HttpContext};
 use crate::metrics;
+use crate::mqtt::{self, MqttContext, Sessions};
 use crate::registry::Registry;
 use crate::stats::IngestStats;
 use anyhow::Context;
@@ -104,6 +105,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         ));
     }
 
+    let mqtt_sessions = Arc::new(Sessions::default());
+    if let Some(m) = &cfg.mqtt {
+        let tcp = tokio::net::TcpListener::bind(m.bind)
+            .await
+            .with_context(|| format!("listeners.mqtt.bind {}", m.bind))?;
+        let addr = tcp.local_addr().context("listeners.mqtt.bind")?;
+        listeners.insert("mqtt", addr.to_string());
+        let ctx = Arc::new(MqttContext {
+            registry: registry.clone(),
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+            clock: clock.clone(),
+            sessions: mqtt_sessions.clone(),
+            max_packet_size: m.max_packet_size,
+            max_connections: m.max_connections,
+            connect_timeout: m.connect_timeout,
+        });
+        listener_tasks.push(spawn(
+            "mqtt listener",
+            Box::pin(mqtt::serve(tcp, ctx, listeners_cancel.clone())),
+        ));
+    }
+
     let mut uplink_task = None;
     let uplink_status = match &cfg.cloud {
         None => {
@@ -174,6 +198,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         uplink: uplink_status,
         registry: registry.clone(),
         stats: stats.clone(),
+        mqtt_sessions,
     });
     if let Some(tcp) = metrics_tcp {
         let router = metrics::router(admin_ctx.clone());

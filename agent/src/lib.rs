@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+pub mod mqtt;
 pub mod registry;
 pub mod stats;
 pub mod tbjson;

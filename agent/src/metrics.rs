@@ -211,7 +211,12 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
         "Devices with a live session, by protocol (HTTP has none).",
     );
     for p in PROTOCOLS_LABELS {
-        let _ = writeln!(o, "sluice_devices_connected{{protocol=\"{p}\"}} 0");
+        let n = if p == "mqtt" {
+            ctx.mqtt_sessions.connected()
+        } else {
+            0
+        };
+        let _ = writeln!(o, "sluice_devices_connected{{protocol=\"{p}\"}} {n}");
     }
     head(
         &mut o,

@@ -40,7 +40,7 @@ pub mod uplink;
 pub use clock::{Clock, ClockMode, Stamp};
 pub use outbox::{
     AppendError, AppendReceipt, CheckReport, DEFAULT_STREAM, Durability, Leased, Outbox,
-    OutboxConfig, OutboxError, OutboxStats, StreamConfig, StreamStats, WhenFull,
+    OutboxConfig, OutboxError, OutboxStats, PendingAppend, StreamConfig, StreamStats, WhenFull,
 };
 pub use record::{DeviceName, Record, Seq, Value};
 pub use uplink::{Uplink, UplinkConfig, UplinkError, UplinkStatus, UplinkTls};

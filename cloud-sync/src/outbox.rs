@@ -264,6 +264,24 @@ pub enum AppendError {
     Closed,
 }
 
+/// An append handed to the writer: resolves with its receipt once the
+/// commit is durable (cancel-safe: poll it by `&mut`).
+#[derive(Debug)]
+pub struct PendingAppend(oneshot::Receiver<Result<AppendReceipt, AppendError>>);
+
+impl std::future::Future for PendingAppend {
+    type Output = Result<AppendReceipt, AppendError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(AppendError::Closed)))
+    }
+}
+
 /// The seqs given to an append's records (contiguous, in the order given).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendReceipt {
@@ -710,6 +728,30 @@ impl Outbox {
         stream: &str,
         records: &[Record],
     ) -> Result<AppendReceipt, AppendError> {
+        self.submit_to(stream, records).await?.await
+    }
+
+    /// Hands `records` to the writer for the `telemetry` stream and returns
+    /// once they are queued (this is where a busy writer pushes back); the
+    /// returned [`PendingAppend`] resolves when they are committed. Appends
+    /// submitted one after another from one task are committed, and get
+    /// their seqs, in submission order, so a caller may keep several in
+    /// flight and still acknowledge in order.
+    ///
+    /// Fails as [`Outbox::append_to`] does (the commit's own failures come
+    /// from the [`PendingAppend`]).
+    pub async fn submit(&self, records: &[Record]) -> Result<PendingAppend, AppendError> {
+        self.submit_to(DEFAULT_STREAM, records).await
+    }
+
+    /// [`Outbox::submit`] to `stream`.
+    ///
+    /// Fails as [`Outbox::append_to`] does.
+    pub async fn submit_to(
+        &self,
+        stream: &str,
+        records: &[Record],
+    ) -> Result<PendingAppend, AppendError> {
         if self.inner.stream_id(stream).is_none() {
             return Err(AppendError::UnknownStream(stream.to_owned()));
         }
@@ -731,7 +773,7 @@ impl Outbox {
             })
             .await
             .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        Ok(PendingAppend(rx))
     }
 
     /// Deletes records the cloud acknowledged. Seqs no longer stored are ignored.

@@ -413,6 +413,8 @@ pub struct Gateway {
     pub config: PathBuf,
     child: Option<Child>,
     pub http: Option<String>,
+    /// The MQTT listener's bound address, when `GatewaySpec::mqtt`.
+    pub mqtt: Option<String>,
     /// Extra environment for `run`.
     pub env: Vec<(String, String)>,
 }
@@ -430,6 +432,8 @@ pub struct GatewaySpec {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// More `[cloud]` lines.
     pub cloud_extra: String,
+    /// Turn on `[listeners.mqtt]` on 127.0.0.1, port 0.
+    pub mqtt: bool,
 }
 
 impl Default for GatewaySpec {
@@ -441,6 +445,7 @@ impl Default for GatewaySpec {
             cloud: None,
             client_cert: None,
             cloud_extra: String::new(),
+            mqtt: false,
         }
     }
 }
@@ -461,6 +466,9 @@ impl Gateway {
             spec.when_full,
             dir.join("admin.sock").display()
         );
+        if spec.mqtt {
+            text.push_str("\n[listeners.mqtt]\nbind = \"127.0.0.1:0\"\n");
+        }
         if let Some((port, ca)) = &spec.cloud {
             text.push_str(&format!(
                 "\n[cloud]\nurl = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{}\"\n\
@@ -493,6 +501,7 @@ impl Gateway {
             config,
             child: None,
             http: None,
+            mqtt: None,
             env: Vec::new(),
         }
     }
@@ -551,6 +560,7 @@ impl Gateway {
             pause(Duration::from_millis(20));
         };
         self.http = status["listeners"]["http"].as_str().map(str::to_owned);
+        self.mqtt = status["listeners"]["mqtt"].as_str().map(str::to_owned);
     }
 
     pub fn try_status(&self) -> Option<Json> {
@@ -600,6 +610,28 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs `mosquitto_pub` against the gateway's MQTT listener with `args`
+/// (`-V`, `-q`, `-u`, `-t`, `-m`/`-l` …); `stdin` feeds `-l`.
+pub fn mosquitto_pub(gw: &Gateway, args: &[&str], stdin: &str) -> Output {
+    let addr = gw.mqtt.as_ref().expect("the MQTT listener is on");
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", port])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub must be installed (mosquitto-clients)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// Runs one curl process that POSTs `bodies` in order on one keep-alive

@@ -1,0 +1,648 @@
+//! The MQTT device listener (`[listeners.mqtt]`, TCP, MQTT 3.1.1 and 5): the
+//! ThingsBoard device API's core.
+//!
+//! One task per connection owns the socket; the protocol logic is the
+//! I/O-free [`session::Session`]. Frames are read with our own fixed-header
+//! check, so a frame over `max_packet_size` closes the connection before
+//! anything is allocated for it; the codec (`rumqttc::mqttbytes::v4` or
+//! `rumqttc::v5::mqttbytes::v5`) is chosen from the CONNECT's protocol level
+//! byte. Anything but CONNECT first closes the connection; so does silence
+//! past `connect_timeout` or past 1.5 × the keep-alive. Connections over
+//! `max_connections` are closed at accept.
+//!
+//! Built in this step:
+//! - auth by username = access token (password ignored; an empty client id
+//!   gets an Assigned Client Identifier on MQTT 5); refusals are CONNACK 0x04
+//!   (3.1.1) / 0x86 (5), counted as unauthorized;
+//! - telemetry on `v1/devices/me/telemetry` at QoS 0 and 1, appended to the
+//!   outbox, PUBACK only after the commit and in arrival order, up to
+//!   Receive Maximum ([`RECEIVE_MAXIMUM`]) unsettled per connection (past
+//!   that the socket is not read: back-pressure);
+//! - client-side RPC `getSessionLimits` / `getCurrentTime` on
+//!   `v1/devices/me/rpc/request/{n}`, answered (QoS 0) on
+//!   `…/rpc/response/{n}` to the requesting session only, whatever it
+//!   subscribed;
+//! - SUBSCRIBE grants the ThingsBoard device filters at QoS ≤ 1 and refuses
+//!   the rest; a second connection of a device takes over its session.
+//!
+//! Not built in this step: attribute publishes and requests, shared-attribute
+//! push, server-side RPC, firmware chunks (the granted filters receive
+//! nothing but RPC responses yet), TLS/mTLS, revocation closing live
+//! sessions, per-IP auth throttling.
+//!
+//! Refusals: MQTT 5 answers with PUBACK reasons (0x99 payload format
+//! invalid, 0x97 quota exceeded when the outbox is full, 0x87 for topics
+//! outside the API); MQTT 3.1.1 has no negative PUBACK, so the connection is
+//! closed after the earlier PUBLISHes are acknowledged, and the refused one
+//! is never acknowledged. QoS 2 is not supported: MQTT 5 CONNACK announces
+//! Maximum QoS 1 and a QoS 2 PUBLISH gets DISCONNECT 0x9B; 3.1.1 is closed.
+//! SUBSCRIBE at QoS 2 is granted QoS 1. The retain flag is ignored.
+
+pub mod session;
+
+use crate::registry::Registry;
+use crate::stats::{IngestResult, IngestStats, Protocol};
+use rumqttc::mqttbytes::QoS as QoS4;
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5;
+use session::{
+    AckReason, Action, ConnAckCode, DisconnectReason, Env, Inbound, Limits, Outbound, Session,
+    Stored, Version,
+};
+use sluice_cloud_sync::{AppendError, Clock, DeviceName, Outbox, PendingAppend, Stamp};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::bytes::BytesMut;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// Most unsettled PUBLISHes per connection (MQTT 5 Receive Maximum, and
+/// `maxInflightMessages` in the `getSessionLimits` answer).
+pub const RECEIVE_MAXIMUM: u16 = 100;
+
+/// What the listener shares.
+pub struct MqttContext {
+    /// Device registry.
+    pub registry: Arc<Registry>,
+    /// The outbox.
+    pub outbox: Outbox,
+    /// Counters.
+    pub stats: Arc<IngestStats>,
+    /// The gateway clock.
+    pub clock: Arc<Clock>,
+    /// Live sessions.
+    pub sessions: Arc<Sessions>,
+    /// Largest packet accepted, bytes.
+    pub max_packet_size: usize,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Time allowed between accept and CONNECT.
+    pub connect_timeout: Duration,
+}
+
+/// The authenticated sessions, one per device; a newer one takes over.
+#[derive(Default)]
+pub struct Sessions {
+    live: Mutex<HashMap<DeviceName, (u64, CancellationToken)>>,
+    next_id: AtomicU64,
+}
+
+impl Sessions {
+    /// Devices with a live MQTT session.
+    pub fn connected(&self) -> usize {
+        self.live.lock().map_or(0, |g| g.len())
+    }
+
+    /// Registers a session of `device`, ending the previous one; returns the
+    /// id to release it with and the token that fires on takeover.
+    fn claim(&self, device: &DeviceName) -> (u64, CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if let Ok(mut g) = self.live.lock()
+            && let Some((_, old)) = g.insert(device.clone(), (id, token.clone()))
+        {
+            old.cancel();
+        }
+        (id, token)
+    }
+
+    fn release(&self, device: &DeviceName, id: u64) {
+        if let Ok(mut g) = self.live.lock()
+            && g.get(device).is_some_and(|(i, _)| *i == id)
+        {
+            g.remove(device);
+        }
+    }
+}
+
+struct ListenerEnv<'a>(&'a MqttContext);
+
+impl Env for ListenerEnv<'_> {
+    fn authenticate(&self, token: &str) -> Option<DeviceName> {
+        self.0.registry.authenticate(token)
+    }
+    fn now(&self) -> Stamp {
+        self.0.clock.now()
+    }
+    fn count(&self, result: IngestResult) {
+        self.0.stats.count(Protocol::Mqtt, result);
+    }
+    fn count_records(&self, n: usize) {
+        self.0.stats.count_records(n);
+    }
+}
+
+/// Accepts connections until `cancel`, then lets each connection settle its
+/// PUBLISHes (their commits complete and are acknowledged) and close.
+pub async fn serve(tcp: TcpListener, ctx: Arc<MqttContext>, cancel: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(ctx.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let (sock, peer) = tokio::select! {
+            () = cancel.cancelled() => break,
+            r = tcp.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, limit = ctx.max_connections, "MQTT connection limit reached; closing");
+            continue;
+        };
+        let ctx = ctx.clone();
+        let cancel = cancel.clone();
+        let span = tracing::debug_span!("mqtt", %peer);
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                connection(sock, peer, &ctx, cancel).await;
+            }
+            .instrument(span),
+        );
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Why reading a frame failed (the connection closes).
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error("malformed remaining length")]
+    BadLength,
+    #[error("packet of {0} bytes is over listeners.mqtt.max_packet_size")]
+    TooLarge(usize),
+    #[error("first packet is not CONNECT")]
+    NotConnect,
+    #[error("unsupported protocol {0:?}")]
+    Protocol(Vec<u8>),
+    #[error("cannot decode packet: {0}")]
+    Decode(String),
+}
+
+/// The length of the next frame, once its fixed header is buffered:
+/// `Ok(None)` while more bytes are needed.
+fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let total = 1 + (i + 1) + remaining;
+            if total > max {
+                return Err(FrameError::TooLarge(total));
+            }
+            return Ok(Some(total));
+        }
+    }
+    Err(FrameError::BadLength)
+}
+
+/// The protocol version of a whole buffered CONNECT frame.
+fn connect_version(frame: &[u8]) -> Result<Version, FrameError> {
+    if frame.first().map(|b| b >> 4) != Some(1) {
+        return Err(FrameError::NotConnect);
+    }
+    let header = 1 + frame[1..].iter().take_while(|b| *b & 0x80 != 0).count() + 1;
+    let name = frame.get(header..header + 7).unwrap_or_default();
+    match name {
+        [0, 4, b'M', b'Q', b'T', b'T', 4] => Ok(Version::V4),
+        [0, 4, b'M', b'Q', b'T', b'T', 5] => Ok(Version::V5),
+        other => Err(FrameError::Protocol(other.to_vec())),
+    }
+}
+
+fn qos4(q: QoS4) -> u8 {
+    q as u8
+}
+
+fn qos5(q: QoS5) -> u8 {
+    q as u8
+}
+
+/// Decodes the whole frame at the head of `buf` with the version's codec.
+fn decode(buf: &mut BytesMut, version: Version, max: usize) -> Result<Inbound, FrameError> {
+    let err = |e: &dyn std::fmt::Display| FrameError::Decode(e.to_string());
+    Ok(match version {
+        Version::V4 => match v4::Packet::read(buf, max).map_err(|e| err(&e))? {
+            v4::Packet::Connect(c) => Inbound::Connect {
+                version,
+                client_id: c.client_id,
+                username: c.login.map(|l| l.username),
+                clean: c.clean_session,
+                keep_alive_s: c.keep_alive,
+            },
+            v4::Packet::Publish(p) => Inbound::Publish {
+                topic: Some(p.topic),
+                qos: qos4(p.qos),
+                pkid: p.pkid,
+                payload: p.payload,
+            },
+            v4::Packet::Subscribe(s) => Inbound::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, qos4(f.qos)))
+                    .collect(),
+            },
+            v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+                pkid: u.pkid,
+                count: u.topics.len(),
+            },
+            v4::Packet::PubAck(_) => Inbound::PubAck,
+            v4::Packet::PingReq => Inbound::PingReq,
+            v4::Packet::Disconnect => Inbound::Disconnect,
+            _ => Inbound::Unexpected("server-to-client or QoS 2 packet"),
+        },
+        Version::V5 => {
+            let max = u32::try_from(max).unwrap_or(u32::MAX);
+            match v5::Packet::read(buf, Some(max)).map_err(|e| err(&e))? {
+                v5::Packet::Connect(c, _will, login) => Inbound::Connect {
+                    version,
+                    client_id: c.client_id,
+                    username: login.map(|l| l.username),
+                    clean: c.clean_start,
+                    keep_alive_s: c.keep_alive,
+                },
+                v5::Packet::Publish(p) => Inbound::Publish {
+                    topic: String::from_utf8(p.topic.to_vec()).ok(),
+                    qos: qos5(p.qos),
+                    pkid: p.pkid,
+                    payload: p.payload,
+                },
+                v5::Packet::Subscribe(s) => Inbound::Subscribe {
+                    pkid: s.pkid,
+                    filters: s
+                        .filters
+                        .into_iter()
+                        .map(|f| (f.path, qos5(f.qos)))
+                        .collect(),
+                },
+                v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+                    pkid: u.pkid,
+                    count: u.filters.len(),
+                },
+                v5::Packet::PubAck(_) => Inbound::PubAck,
+                v5::Packet::PingReq(_) => Inbound::PingReq,
+                v5::Packet::Disconnect(_) => Inbound::Disconnect,
+                _ => Inbound::Unexpected("server-to-client, AUTH or QoS 2 packet"),
+            }
+        }
+    })
+}
+
+/// Encodes `out` for `version` into `buf`; MQTT 5-only packets are skipped
+/// on 3.1.1.
+fn encode(out: Outbound, version: Version, limits: Limits, buf: &mut BytesMut) {
+    let written = match version {
+        Version::V4 => {
+            let p = match out {
+                Outbound::ConnAck { code, .. } => v4::Packet::ConnAck(v4::ConnAck::new(
+                    match code {
+                        ConnAckCode::Accepted => v4::ConnectReturnCode::Success,
+                        ConnAckCode::BadClientId => v4::ConnectReturnCode::BadClientId,
+                        ConnAckCode::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
+                    },
+                    false,
+                )),
+                Outbound::PubAck { pkid, .. } => v4::Packet::PubAck(v4::PubAck::new(pkid)),
+                Outbound::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
+                    pkid,
+                    granted
+                        .into_iter()
+                        .map(|g| match g {
+                            Some(0) => v4::SubscribeReasonCode::Success(QoS4::AtMostOnce),
+                            Some(_) => v4::SubscribeReasonCode::Success(QoS4::AtLeastOnce),
+                            None => v4::SubscribeReasonCode::Failure,
+                        })
+                        .collect(),
+                )),
+                Outbound::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
+                Outbound::Publish { topic, payload } => {
+                    v4::Packet::Publish(v4::Publish::new(topic, QoS4::AtMostOnce, payload))
+                }
+                Outbound::PingResp => v4::Packet::PingResp,
+                Outbound::Disconnect(_) => return,
+            };
+            p.write(buf, usize::MAX).map_err(|e| e.to_string())
+        }
+        Version::V5 => {
+            let p = match out {
+                Outbound::ConnAck {
+                    code,
+                    assigned_client_id,
+                } => v5::Packet::ConnAck(v5::ConnAck {
+                    session_present: false,
+                    code: match code {
+                        ConnAckCode::Accepted => v5::ConnectReturnCode::Success,
+                        ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                        ConnAckCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
+                    },
+                    properties: (code == ConnAckCode::Accepted).then(|| v5::ConnAckProperties {
+                        receive_max: Some(limits.receive_maximum),
+                        max_qos: Some(1),
+                        retain_available: Some(0),
+                        max_packet_size: Some(
+                            u32::try_from(limits.max_packet_size).unwrap_or(u32::MAX),
+                        ),
+                        assigned_client_identifier: assigned_client_id,
+                        topic_alias_max: Some(0),
+                        shared_subscription_available: Some(0),
+                        subscription_identifiers_available: Some(0),
+                        session_expiry_interval: None,
+                        reason_string: None,
+                        user_properties: Vec::new(),
+                        wildcard_subscription_available: None,
+                        server_keep_alive: None,
+                        response_information: None,
+                        server_reference: None,
+                        authentication_method: None,
+                        authentication_data: None,
+                    }),
+                }),
+                Outbound::PubAck { pkid, reason } => v5::Packet::PubAck(v5::PubAck {
+                    pkid,
+                    reason: match reason {
+                        AckReason::Success => v5::PubAckReason::Success,
+                        AckReason::Unspecified => v5::PubAckReason::UnspecifiedError,
+                        AckReason::NotAuthorized => v5::PubAckReason::NotAuthorized,
+                        AckReason::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+                        AckReason::PayloadFormatInvalid => v5::PubAckReason::PayloadFormatInvalid,
+                    },
+                    properties: None,
+                }),
+                Outbound::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
+                    pkid,
+                    return_codes: granted
+                        .into_iter()
+                        .map(|g| match g {
+                            Some(0) => v5::SubscribeReasonCode::Success(QoS5::AtMostOnce),
+                            Some(_) => v5::SubscribeReasonCode::Success(QoS5::AtLeastOnce),
+                            None => v5::SubscribeReasonCode::NotAuthorized,
+                        })
+                        .collect(),
+                    properties: None,
+                }),
+                Outbound::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
+                    pkid,
+                    reasons: vec![v5::UnsubAckReason::Success; count],
+                    properties: None,
+                }),
+                Outbound::Publish { topic, payload } => {
+                    v5::Packet::Publish(v5::Publish::new(topic, QoS5::AtMostOnce, payload, None))
+                }
+                Outbound::PingResp => v5::Packet::PingResp(v5::PingResp),
+                Outbound::Disconnect(why) => v5::Packet::Disconnect(v5::Disconnect {
+                    reason_code: match why {
+                        DisconnectReason::ServerShuttingDown => {
+                            v5::DisconnectReasonCode::ServerShuttingDown
+                        }
+                        DisconnectReason::KeepAliveTimeout => {
+                            v5::DisconnectReasonCode::KeepAliveTimeout
+                        }
+                        DisconnectReason::SessionTakenOver => {
+                            v5::DisconnectReasonCode::SessionTakenOver
+                        }
+                        DisconnectReason::NotAuthorized => v5::DisconnectReasonCode::NotAuthorized,
+                        DisconnectReason::QuotaExceeded => v5::DisconnectReasonCode::QuotaExceeded,
+                        DisconnectReason::PayloadFormatInvalid => {
+                            v5::DisconnectReasonCode::PayloadFormatInvalid
+                        }
+                        DisconnectReason::QoSNotSupported => {
+                            v5::DisconnectReasonCode::QoSNotSupported
+                        }
+                        DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                    },
+                    properties: None,
+                }),
+            };
+            p.write(buf, None).map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot encode an MQTT packet");
+    }
+}
+
+/// An append handed to the outbox, or the reason it could not be.
+type InFlight = (u64, usize, Result<PendingAppend, Stored>);
+
+fn stored(r: Result<sluice_cloud_sync::AppendReceipt, AppendError>) -> Stored {
+    match r {
+        Ok(_) => Stored::Ok,
+        Err(AppendError::Full) => Stored::Full,
+        Err(AppendError::Closed) => Stored::Failed,
+        Err(e) => {
+            tracing::error!(error = %e, "append failed");
+            Stored::Failed
+        }
+    }
+}
+
+/// The next commit result, in submission order; never resolves while
+/// nothing is in flight.
+async fn next_commit(pending: &mut VecDeque<InFlight>) -> Stored {
+    match pending.front_mut() {
+        None => std::future::pending().await,
+        Some((_, _, Ok(p))) => stored(p.await),
+        Some((_, _, Err(s))) => *s,
+    }
+}
+
+fn limits(ctx: &MqttContext) -> Limits {
+    Limits {
+        max_packet_size: ctx.max_packet_size,
+        receive_maximum: RECEIVE_MAXIMUM,
+    }
+}
+
+/// The connection's side effects: what to write, the appends in flight and
+/// the session registration.
+struct Conn<'a> {
+    ctx: &'a MqttContext,
+    out: BytesMut,
+    pending: VecDeque<InFlight>,
+    registered: Option<(DeviceName, u64)>,
+    takeover: CancellationToken,
+}
+
+impl Conn<'_> {
+    /// Carries out `actions`; `false` when the connection must close.
+    async fn execute(&mut self, actions: Vec<Action>, version: Option<Version>) -> bool {
+        let limits = limits(self.ctx);
+        for a in actions {
+            match a {
+                Action::Send(p) => {
+                    if let Some(v) = version {
+                        encode(p, v, limits, &mut self.out);
+                    }
+                }
+                Action::Store { ticket, records } => {
+                    // Submitting in order keeps the device's records in
+                    // order in the outbox; awaiting the queueing (not the
+                    // commit) is where a busy writer slows this device down.
+                    let submitted = self.ctx.outbox.submit(&records).await;
+                    self.pending.push_back((
+                        ticket,
+                        records.len(),
+                        submitted.map_err(|e| stored(Err(e))),
+                    ));
+                }
+                Action::Authenticated(device) => {
+                    let (id, token) = self.ctx.sessions.claim(&device);
+                    tracing::debug!(%device, "MQTT session up");
+                    self.registered = Some((device, id));
+                    self.takeover = token;
+                }
+                Action::Close => return false,
+            }
+        }
+        true
+    }
+}
+
+async fn connection(
+    sock: TcpStream,
+    peer: SocketAddr,
+    ctx: &MqttContext,
+    cancel: CancellationToken,
+) {
+    let mut conn = Conn {
+        ctx,
+        out: BytesMut::with_capacity(256),
+        pending: VecDeque::new(),
+        registered: None,
+        takeover: CancellationToken::new(),
+    };
+    let why = run_connection(sock, &mut conn, cancel).await;
+    tracing::debug!(%peer, reason = why, "MQTT connection closed");
+    if let Some((device, id)) = &conn.registered {
+        ctx.sessions.release(device, *id);
+    }
+}
+
+/// Serves one connection; returns why it ended.
+async fn run_connection(
+    mut sock: TcpStream,
+    conn: &mut Conn<'_>,
+    cancel: CancellationToken,
+) -> &'static str {
+    let ctx = conn.ctx;
+    let env = ListenerEnv(ctx);
+    let mut session = Session::new(limits(ctx));
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut deadline = Instant::now() + ctx.connect_timeout;
+    let mut draining = false;
+    let _ = sock.set_nodelay(true);
+    loop {
+        // Decode what is buffered, as far as the session wants input.
+        let mut open = true;
+        while open && session.wants_input() && !draining {
+            let len = match frame_len(&buf, ctx.max_packet_size) {
+                Ok(Some(n)) if buf.len() >= n => n,
+                Ok(Some(n)) => {
+                    buf.reserve(n - buf.len());
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if matches!(e, FrameError::TooLarge(_)) {
+                        env.count(IngestResult::TooLarge);
+                    }
+                    tracing::debug!(error = %e, "bad MQTT frame; closing");
+                    return "bad frame";
+                }
+            };
+            let version = match session.version() {
+                Some(v) => v,
+                None => match connect_version(&buf[..len]) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "refused CONNECT; closing");
+                        return "refused CONNECT";
+                    }
+                },
+            };
+            let packet = match decode(&mut buf, version, ctx.max_packet_size) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "undecodable MQTT packet; closing");
+                    return "undecodable packet";
+                }
+            };
+            let actions = session.handle(packet, &env);
+            if let Some(ka) = session.keep_alive_limit() {
+                deadline = Instant::now() + ka;
+            } else if session.version().is_some() {
+                deadline = Instant::now() + Duration::from_secs(365 * 86_400);
+            }
+            open = conn.execute(actions, session.version()).await;
+        }
+        if !conn.out.is_empty() {
+            if sock.write_all(&conn.out).await.is_err() {
+                return "write failed";
+            }
+            conn.out.clear();
+        }
+        if !open {
+            return "closed by the session";
+        }
+        if draining && session.settled() {
+            if session.version() == Some(Version::V5) && session.device().is_some() {
+                encode(
+                    Outbound::Disconnect(DisconnectReason::ServerShuttingDown),
+                    Version::V5,
+                    limits(ctx),
+                    &mut conn.out,
+                );
+                let _ = sock.write_all(&conn.out).await;
+            }
+            return "shutting down";
+        }
+        let can_read = session.wants_input() && !draining;
+        tokio::select! {
+            r = sock.read_buf(&mut buf), if can_read => match r {
+                Ok(0) | Err(_) => return "peer closed",
+                Ok(_) => {}
+            },
+            result = next_commit(&mut conn.pending) => {
+                let (ticket, n, _) = conn.pending.pop_front().unwrap_or((0, 0, Err(Stored::Failed)));
+                let actions = session.stored(ticket, result, n, &env);
+                if !conn.execute(actions, session.version()).await {
+                    let _ = sock.write_all(&conn.out).await;
+                    return "closed by the session";
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if !draining => {
+                if session.version() == Some(Version::V5) && session.device().is_some() {
+                    encode(Outbound::Disconnect(DisconnectReason::KeepAliveTimeout), Version::V5, limits(ctx), &mut conn.out);
+                    let _ = sock.write_all(&conn.out).await;
+                }
+                return if session.device().is_some() { "keep-alive timeout" } else { "CONNECT timeout" };
+            }
+            () = cancel.cancelled(), if !draining => draining = true,
+            () = conn.takeover.cancelled() => {
+                if session.version() == Some(Version::V5) {
+                    encode(Outbound::Disconnect(DisconnectReason::SessionTakenOver), Version::V5, limits(ctx), &mut conn.out);
+                    let _ = sock.write_all(&conn.out).await;
+                }
+                return "session taken over";
+            }
+        }
+    }
+}
