@@ -40,12 +40,20 @@ pub fn pause(d: Duration) {
 }
 
 /// A port that was free a moment ago.
+/// Picked below Linux's ephemeral range (32768–60999), so a port the test
+/// reserves for a peer it starts later (a broker brought up mid-test) is not
+/// handed to some other process's port-0 bind in the meantime.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id() % 500 * 23;
+    loop {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed + k * 7) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -609,6 +617,17 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("sluice.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of the gateway's log ({}):",
+                self.dir.display()
+            );
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
