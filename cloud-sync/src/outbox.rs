@@ -1670,17 +1670,7 @@ impl Writer {
                     let mut retry_replies = Vec::new();
                     let (retry, _) = self.apply(leftover, None, now, &mut retry_replies);
                     match retry {
-                        Ok(()) => {
-                            for (name, n) in &appended {
-                                if let Some(s) =
-                                    self.totals.streams.iter_mut().find(|s| s.name == *name)
-                                {
-                                    s.dropped[REJECTED] += n;
-                                }
-                            }
-                            self.published(saved_next);
-                            retry_replies.into_iter().for_each(Reply::send);
-                        }
+                        Ok(()) => retry_replies.into_iter().for_each(Reply::send),
                         Err(e2) => {
                             self.totals = saved;
                             tracing::error!(error = %e2, "outbox commit failed again without appends");
@@ -1689,6 +1679,14 @@ impl Writer {
                                 .for_each(|r| r.fail(|| AppendError::Full));
                         }
                     }
+                    // The refusals are counted whether or not the retry could
+                    // commit (on disk with the next commit that succeeds).
+                    for (name, n) in &appended {
+                        if let Some(s) = self.totals.streams.iter_mut().find(|s| s.name == *name) {
+                            s.dropped[REJECTED] += n;
+                        }
+                    }
+                    self.published(saved_next);
                 } else {
                     tracing::error!(path = %self.path.display(), error = %e, "outbox commit failed");
                     let msg = e.to_string();
