@@ -7,7 +7,7 @@ use crate::admin;
 use crate::bench;
 use crate::config::{self, Config, LogFormat};
 use crate::daemon::{self, Exit};
-use crate::registry::RegistryDb;
+use crate::registry::{self, RegistryDb};
 use clap::{Parser, Subcommand};
 use serde_json::Value as Json;
 use sluice_cloud_sync::outbox;
@@ -86,6 +86,11 @@ enum DevicesCmd {
         /// Use this access token instead of generating one.
         #[arg(long)]
         token: Option<String>,
+        /// SHA-256 fingerprint of the device's TLS client certificate (64
+        /// hex digits, colons allowed): it then authenticates on mqtts
+        /// without a token.
+        #[arg(long = "cert-sha256")]
+        cert_sha256: Option<String>,
     },
     /// List devices.
     List {
@@ -461,8 +466,17 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
         .map_err(|e| format!("gateway.state_dir {}: {e}", cfg.state_dir.display()))?;
     let db = RegistryDb::open(&cfg.state_db_path())?;
     match cmd {
-        DevicesCmd::Add { name, kind, token } => {
-            let token = db.add(&name, &kind, token.as_deref())?;
+        DevicesCmd::Add {
+            name,
+            kind,
+            token,
+            cert_sha256,
+        } => {
+            let cert = cert_sha256
+                .as_deref()
+                .map(registry::parse_cert_sha256)
+                .transpose()?;
+            let token = db.add_with_cert(&name, &kind, token.as_deref(), cert.as_ref())?;
             outln!("{token}");
             notify_registry_change(cfg);
         }
@@ -487,6 +501,7 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
                 outln!("type     {}", d.kind);
                 outln!("state    {}", if d.revoked { "revoked" } else { "active" });
                 outln!("created  {} (unix ms)", d.created_ms);
+                outln!("cert     {}", d.cert_sha256.as_deref().unwrap_or("-"));
             }
         }
         DevicesCmd::Revoke { name } => {

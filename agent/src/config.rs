@@ -173,6 +173,34 @@ pub struct RawListeners {
     pub http: Option<RawHttp>,
     /// `[listeners.mqtt]`
     pub mqtt: Option<RawMqtt>,
+    /// `[listeners.mqtts]`
+    pub mqtts: Option<RawMqtts>,
+}
+
+/// `[listeners.mqtts]`: MQTT over TLS; its limits are those of
+/// `[listeners.mqtt]` (or their defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMqtts {
+    /// Address to bind; port 0 picks a free port.
+    pub bind: String,
+    /// Server certificate chain (PEM), leaf first. Required.
+    pub cert_file: Option<PathBuf>,
+    /// Server private key (PEM). Required.
+    pub key_file: Option<PathBuf>,
+    /// CA bundle (PEM) for device client certificates; set, it turns on mTLS.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl Default for RawMqtts {
+    fn default() -> Self {
+        Self {
+            bind: "0.0.0.0:8883".into(),
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+        }
+    }
 }
 
 /// `[listeners.mqtt]`
@@ -411,6 +439,15 @@ pub struct MqttListenerConfig {
     pub connect_timeout: Duration,
 }
 
+/// The validated MQTT-over-TLS listener.
+#[derive(Debug, Clone)]
+pub struct MqttsListenerConfig {
+    /// Address and limits (the limits are `[listeners.mqtt]`'s).
+    pub listener: MqttListenerConfig,
+    /// Certificate, key and optional client CA files (read at start).
+    pub tls: crate::tls::ServerTlsFiles,
+}
+
 /// The validated uplink settings (the agent fills in identity at start).
 #[derive(Debug, Clone)]
 pub struct CloudConfig {
@@ -466,6 +503,8 @@ pub struct Config {
     pub http: Option<HttpListenerConfig>,
     /// MQTT listener, if on.
     pub mqtt: Option<MqttListenerConfig>,
+    /// MQTT-over-TLS listener, if on.
+    pub mqtts: Option<MqttsListenerConfig>,
     /// Outbox bounds and policy.
     pub outbox: OutboxConfig,
     /// Wall-clock trust.
@@ -597,6 +636,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mqtt = match &raw.listeners.mqtt {
         None => None,
         Some(m) => Some(validate_mqtt(m)?),
+    };
+    let mqtts = match &raw.listeners.mqtts {
+        None => None,
+        Some(m) => Some(validate_mqtts(m, raw.listeners.mqtt.as_ref())?),
     };
 
     let o = &raw.outbox;
@@ -736,6 +779,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         state_dir: raw.gateway.state_dir.clone(),
         http,
         mqtt,
+        mqtts,
         outbox: OutboxConfig {
             max_bytes,
             max_age,
@@ -794,6 +838,32 @@ fn validate_mqtt(m: &RawMqtt) -> Result<MqttListenerConfig, ConfigError> {
         max_packet_size: usize::try_from(max_packet_size).unwrap_or(usize::MAX),
         max_connections: m.max_connections,
         connect_timeout,
+    })
+}
+
+fn validate_mqtts(
+    m: &RawMqtts,
+    mqtt: Option<&RawMqtt>,
+) -> Result<MqttsListenerConfig, ConfigError> {
+    let bind: SocketAddr = m.bind.parse().map_err(|_| {
+        invalid(
+            "listeners.mqtts.bind",
+            format!("{:?} is not an address like 0.0.0.0:8883", m.bind),
+        )
+    })?;
+    let limits = validate_mqtt(mqtt.unwrap_or(&RawMqtt::default()))?;
+    let required = |v: &Option<PathBuf>, key: &'static str| {
+        v.clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| invalid(key, "is required (a PEM file)"))
+    };
+    Ok(MqttsListenerConfig {
+        listener: MqttListenerConfig { bind, ..limits },
+        tls: crate::tls::ServerTlsFiles {
+            cert_file: required(&m.cert_file, "listeners.mqtts.cert_file")?,
+            key_file: required(&m.key_file, "listeners.mqtts.key_file")?,
+            client_ca_file: m.client_ca_file.clone(),
+        },
     })
 }
 
@@ -1074,6 +1144,36 @@ mod tests {
         ] {
             let e = raw(&format!(
                 "[gateway]\nid = \"g\"\n[listeners.mqtt]\n{body}\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().starts_with(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_mqtts_listener_needs_its_cert_and_key_and_shares_the_mqtt_limits() {
+        assert!(raw("[gateway]\nid = \"g\"\n").unwrap().mqtts.is_none());
+        let m = raw(
+            "[gateway]\nid = \"g\"\n[listeners.mqtt]\nmax_connections = 7\n\
+             [listeners.mqtts]\ncert_file = \"/s.crt\"\nkey_file = \"/s.key\"\n",
+        )
+        .unwrap()
+        .mqtts
+        .unwrap();
+        assert_eq!(m.listener.bind.to_string(), "0.0.0.0:8883");
+        assert_eq!(m.listener.max_connections, 7);
+        assert_eq!(m.tls.cert_file, PathBuf::from("/s.crt"));
+        assert!(m.tls.client_ca_file.is_none());
+        for (body, key) in [
+            ("key_file = \"/k\"", "listeners.mqtts.cert_file:"),
+            ("cert_file = \"/c\"", "listeners.mqtts.key_file:"),
+            (
+                "cert_file = \"/c\"\nkey_file = \"/k\"\nbind = \"x\"",
+                "listeners.mqtts.bind:",
+            ),
+        ] {
+            let e = raw(&format!(
+                "[gateway]\nid = \"g\"\n[listeners.mqtts]\n{body}\n"
             ))
             .unwrap_err();
             assert!(e.to_string().starts_with(key), "{e}");

@@ -1,5 +1,6 @@
 //! The composition root: `sluice run`. Reading this function tells the whole
-//! data flow: HTTP and MQTT listeners → registry (auth) → ThingsBoard JSON decoder →
+//! data flow: HTTP, MQTT and MQTT-over-TLS listeners → registry (auth: token or
+//! client certificate; a reload closes revoked sessions) → ThingsBoard JSON decoder →
 //! outbox (group commit, ack after commit) → uplink (PUBACK → delete); the
 //! admin socket reads everyone's figures.
 //!
@@ -124,7 +125,35 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         });
         listener_tasks.push(spawn(
             "mqtt listener",
-            Box::pin(mqtt::serve(tcp, ctx, listeners_cancel.clone())),
+            Box::pin(mqtt::serve(tcp, ctx, None, listeners_cancel.clone())),
+        ));
+    }
+    if let Some(m) = &cfg.mqtts {
+        let tls = crate::tls::server_config("listeners.mqtts", &m.tls)?;
+        let tcp = tokio::net::TcpListener::bind(m.listener.bind)
+            .await
+            .with_context(|| format!("listeners.mqtts.bind {}", m.listener.bind))?;
+        let addr = tcp.local_addr().context("listeners.mqtts.bind")?;
+        listeners.insert("mqtts", addr.to_string());
+        let ctx = Arc::new(MqttContext {
+            registry: registry.clone(),
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+            clock: clock.clone(),
+            sessions: mqtt_sessions.clone(),
+            max_packet_size: m.listener.max_packet_size,
+            max_connections: m.listener.max_connections,
+            connect_timeout: m.listener.connect_timeout,
+        });
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        listener_tasks.push(spawn(
+            "mqtts listener",
+            Box::pin(mqtt::serve(
+                tcp,
+                ctx,
+                Some(acceptor),
+                listeners_cancel.clone(),
+            )),
         ));
     }
 

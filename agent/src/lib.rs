@@ -17,3 +17,4 @@ pub mod mqtt;
 pub mod registry;
 pub mod stats;
 pub mod tbjson;
+pub mod tls;

@@ -1,7 +1,9 @@
-//! The MQTT device listener (`[listeners.mqtt]`, TCP, MQTT 3.1.1 and 5): the
-//! ThingsBoard device API's core.
+//! The MQTT device listeners (`[listeners.mqtt]` over TCP and
+//! `[listeners.mqtts]` over TLS, MQTT 3.1.1 and 5): the ThingsBoard device
+//! API's core.
 //!
-//! One task per connection owns the socket; the protocol logic is the
+//! One task per connection owns the socket (a TCP or TLS stream: the
+//! connection code is generic over it); the protocol logic is the
 //! I/O-free [`session::Session`]. Frames are read with our own fixed-header
 //! check, so a frame over `max_packet_size` closes the connection before
 //! anything is allocated for it; the codec (`rumqttc::mqttbytes::v4` or
@@ -14,6 +16,15 @@
 //! - auth by username = access token (password ignored; an empty client id
 //!   gets an Assigned Client Identifier on MQTT 5); refusals are CONNACK 0x04
 //!   (3.1.1) / 0x86 (5), counted as unauthorized;
+//! - TLS 1.3/1.2 (rustls, ring) on `listeners.mqtts`; with `client_ca_file`
+//!   client certificates are verified against that CA (optional, so token
+//!   devices still connect), and a verified certificate whose SHA-256 (of the
+//!   DER leaf) is registered to an active device authenticates the session as
+//!   that device whatever the username; otherwise the username token is used;
+//! - revocation: after every registry reload (`sluice devices revoke` /
+//!   `rotate-token` trigger one) each live session re-checks the credential
+//!   it connected with and, if it no longer authenticates as the same
+//!   device, is closed at once (MQTT 5: DISCONNECT 0x98 first);
 //! - telemetry on `v1/devices/me/telemetry` at QoS 0 and 1, appended to the
 //!   outbox, PUBACK only after the commit and in arrival order, up to
 //!   Receive Maximum ([`RECEIVE_MAXIMUM`]) unsettled per connection (past
@@ -27,8 +38,7 @@
 //!
 //! Not built in this step: attribute publishes and requests, shared-attribute
 //! push, server-side RPC, firmware chunks (the granted filters receive
-//! nothing but RPC responses yet), TLS/mTLS, revocation closing live
-//! sessions, per-IP auth throttling.
+//! nothing but RPC responses yet), per-IP auth throttling.
 //!
 //! Refusals: MQTT 5 answers with PUBACK reasons (0x99 payload format
 //! invalid, 0x97 quota exceeded when the outbox is full, 0x87 for topics
@@ -40,7 +50,7 @@
 
 pub mod session;
 
-use crate::registry::Registry;
+use crate::registry::{Registry, cert_fingerprint};
 use crate::stats::{IngestResult, IngestStats, Protocol};
 use rumqttc::mqttbytes::QoS as QoS4;
 use rumqttc::mqttbytes::v4;
@@ -56,10 +66,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,26 +135,41 @@ impl Sessions {
     }
 }
 
-struct ListenerEnv<'a>(&'a MqttContext);
+/// The listener's side of the session: the registry, and the fingerprint of
+/// the verified client certificate when the connection presented one.
+struct ListenerEnv<'a> {
+    ctx: &'a MqttContext,
+    cert: Option<[u8; 32]>,
+}
 
 impl Env for ListenerEnv<'_> {
     fn authenticate(&self, token: &str) -> Option<DeviceName> {
-        self.0.registry.authenticate(token)
+        self.ctx.registry.authenticate(token)
+    }
+    fn authenticate_certificate(&self) -> Option<DeviceName> {
+        self.ctx.registry.authenticate_cert(self.cert.as_ref()?)
     }
     fn now(&self) -> Stamp {
-        self.0.clock.now()
+        self.ctx.clock.now()
     }
     fn count(&self, result: IngestResult) {
-        self.0.stats.count(Protocol::Mqtt, result);
+        self.ctx.stats.count(Protocol::Mqtt, result);
     }
     fn count_records(&self, n: usize) {
-        self.0.stats.count_records(n);
+        self.ctx.stats.count_records(n);
     }
 }
 
 /// Accepts connections until `cancel`, then lets each connection settle its
-/// PUBLISHes (their commits complete and are acknowledged) and close.
-pub async fn serve(tcp: TcpListener, ctx: Arc<MqttContext>, cancel: CancellationToken) {
+/// PUBLISHes (their commits complete and are acknowledged) and close. With
+/// `tls` every connection is a TLS server session first (the handshake must
+/// finish within `connect_timeout`).
+pub async fn serve(
+    tcp: TcpListener,
+    ctx: Arc<MqttContext>,
+    tls: Option<TlsAcceptor>,
+    cancel: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(ctx.max_connections));
     let tracker = TaskTracker::new();
     loop {
@@ -164,11 +190,40 @@ pub async fn serve(tcp: TcpListener, ctx: Arc<MqttContext>, cancel: Cancellation
         };
         let ctx = ctx.clone();
         let cancel = cancel.clone();
-        let span = tracing::debug_span!("mqtt", %peer);
+        let tls = tls.clone();
+        let span = tracing::debug_span!("mqtt", %peer, tls = tls.is_some());
         tracker.spawn(
             async move {
                 let _permit = permit;
-                connection(sock, peer, &ctx, cancel).await;
+                let _ = sock.set_nodelay(true);
+                let Some(acceptor) = tls else {
+                    connection(sock, None, peer, &ctx, cancel).await;
+                    return;
+                };
+                let handshake = tokio::time::timeout(ctx.connect_timeout, acceptor.accept(sock));
+                let stream = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    },
+                };
+                // rustls hands out peer certificates only after its verifier
+                // accepted them.
+                let cert = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| cert_fingerprint(leaf));
+                connection(stream, cert, peer, &ctx, cancel).await;
             }
             .instrument(span),
         );
@@ -427,6 +482,9 @@ fn encode(out: Outbound, version: Version, limits: Limits, buf: &mut BytesMut) {
                             v5::DisconnectReasonCode::QoSNotSupported
                         }
                         DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                        DisconnectReason::AdministrativeAction => {
+                            v5::DisconnectReasonCode::AdministrativeAction
+                        }
                     },
                     properties: None,
                 }),
@@ -479,6 +537,8 @@ struct Conn<'a> {
     pending: VecDeque<InFlight>,
     registered: Option<(DeviceName, u64)>,
     takeover: CancellationToken,
+    /// The CONNECT's username, to re-check after a registry reload.
+    username: Option<String>,
 }
 
 impl Conn<'_> {
@@ -516,8 +576,15 @@ impl Conn<'_> {
     }
 }
 
-async fn connection(
-    sock: TcpStream,
+/// Writes `bytes` and pushes them through a TLS layer to the socket.
+async fn send<S: AsyncWrite + Unpin>(sock: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    sock.write_all(bytes).await?;
+    sock.flush().await
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: S,
+    cert: Option<[u8; 32]>,
     peer: SocketAddr,
     ctx: &MqttContext,
     cancel: CancellationToken,
@@ -528,27 +595,41 @@ async fn connection(
         pending: VecDeque::new(),
         registered: None,
         takeover: CancellationToken::new(),
+        username: None,
     };
-    let why = run_connection(sock, &mut conn, cancel).await;
+    let env = ListenerEnv { ctx, cert };
+    let why = run_connection(sock, &mut conn, &env, cancel).await;
     tracing::debug!(%peer, reason = why, "MQTT connection closed");
     if let Some((device, id)) = &conn.registered {
         ctx.sessions.release(device, *id);
     }
 }
 
+/// Whether the credential the session connected with still authenticates
+/// as `device` (checked after a registry reload).
+fn still_authenticates(env: &ListenerEnv<'_>, username: Option<&str>, device: &DeviceName) -> bool {
+    let now = env.authenticate_certificate().or_else(|| {
+        username
+            .filter(|u| !u.is_empty())
+            .and_then(|u| env.authenticate(u))
+    });
+    now.as_ref() == Some(device)
+}
+
 /// Serves one connection; returns why it ended.
-async fn run_connection(
-    mut sock: TcpStream,
+async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
     conn: &mut Conn<'_>,
+    env: &ListenerEnv<'_>,
     cancel: CancellationToken,
 ) -> &'static str {
     let ctx = conn.ctx;
-    let env = ListenerEnv(ctx);
     let mut session = Session::new(limits(ctx));
     let mut buf = BytesMut::with_capacity(4096);
     let mut deadline = Instant::now() + ctx.connect_timeout;
     let mut draining = false;
-    let _ = sock.set_nodelay(true);
+    let mut generation: watch::Receiver<u64> = ctx.registry.subscribe();
+    let mut registry_open = true;
     loop {
         // Decode what is buffered, as far as the session wants input.
         let mut open = true;
@@ -585,7 +666,10 @@ async fn run_connection(
                     return "undecodable packet";
                 }
             };
-            let actions = session.handle(packet, &env);
+            if let Inbound::Connect { username, .. } = &packet {
+                conn.username.clone_from(username);
+            }
+            let actions = session.handle(packet, env);
             if let Some(ka) = session.keep_alive_limit() {
                 deadline = Instant::now() + ka;
             } else if session.version().is_some() {
@@ -594,7 +678,7 @@ async fn run_connection(
             open = conn.execute(actions, session.version()).await;
         }
         if !conn.out.is_empty() {
-            if sock.write_all(&conn.out).await.is_err() {
+            if send(&mut sock, &conn.out).await.is_err() {
                 return "write failed";
             }
             conn.out.clear();
@@ -610,7 +694,7 @@ async fn run_connection(
                     limits(ctx),
                     &mut conn.out,
                 );
-                let _ = sock.write_all(&conn.out).await;
+                let _ = send(&mut sock, &conn.out).await;
             }
             return "shutting down";
         }
@@ -622,24 +706,37 @@ async fn run_connection(
             },
             result = next_commit(&mut conn.pending) => {
                 let (ticket, n, _) = conn.pending.pop_front().unwrap_or((0, 0, Err(Stored::Failed)));
-                let actions = session.stored(ticket, result, n, &env);
+                let actions = session.stored(ticket, result, n, env);
                 if !conn.execute(actions, session.version()).await {
-                    let _ = sock.write_all(&conn.out).await;
+                    let _ = send(&mut sock, &conn.out).await;
                     return "closed by the session";
                 }
             }
             () = tokio::time::sleep_until(deadline), if !draining => {
                 if session.version() == Some(Version::V5) && session.device().is_some() {
                     encode(Outbound::Disconnect(DisconnectReason::KeepAliveTimeout), Version::V5, limits(ctx), &mut conn.out);
-                    let _ = sock.write_all(&conn.out).await;
+                    let _ = send(&mut sock, &conn.out).await;
                 }
                 return if session.device().is_some() { "keep-alive timeout" } else { "CONNECT timeout" };
             }
             () = cancel.cancelled(), if !draining => draining = true,
+            r = generation.changed(), if registry_open && session.device().is_some() => {
+                registry_open = r.is_ok();
+                if let Some(device) = session.device()
+                    && !still_authenticates(env, conn.username.as_deref(), device)
+                {
+                    tracing::info!(%device, "device revoked or its credential replaced; closing its MQTT session");
+                    if session.version() == Some(Version::V5) {
+                        encode(Outbound::Disconnect(DisconnectReason::AdministrativeAction), Version::V5, limits(ctx), &mut conn.out);
+                        let _ = send(&mut sock, &conn.out).await;
+                    }
+                    return "revoked";
+                }
+            }
             () = conn.takeover.cancelled() => {
                 if session.version() == Some(Version::V5) {
                     encode(Outbound::Disconnect(DisconnectReason::SessionTakenOver), Version::V5, limits(ctx), &mut conn.out);
-                    let _ = sock.write_all(&conn.out).await;
+                    let _ = send(&mut sock, &conn.out).await;
                 }
                 return "session taken over";
             }

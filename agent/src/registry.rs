@@ -1,10 +1,12 @@
 //! The device registry: devices and their access tokens, in `state.db`.
 //!
-//! Tokens are stored only as SHA-256 hashes. The daemon keeps the active
-//! devices in memory (a device fleet behind one gateway is small), so
-//! authentication never touches SQLite; the CLI edits `state.db` directly and
-//! then asks a running daemon to reload, which also makes a revocation take
-//! effect at once.
+//! Tokens are stored only as SHA-256 hashes; a device may also (or instead)
+//! be known by the SHA-256 fingerprint of its TLS client certificate (the
+//! DER leaf), for mTLS. The daemon keeps the active devices in memory (a
+//! device fleet behind one gateway is small), so authentication never touches
+//! SQLite; the CLI edits `state.db` directly and then asks a running daemon to
+//! reload. Every reload bumps a generation number that live sessions watch
+//! ([`Registry::subscribe`]), so a revocation closes them at once.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,12 @@ pub enum RegistryError {
     /// The token is taken by another device.
     #[error("that access token is already in use by another device")]
     TokenInUse,
+    /// The certificate fingerprint is registered to another device.
+    #[error("that certificate fingerprint is already registered to another device")]
+    CertInUse,
+    /// The certificate fingerprint is not 64 hex digits.
+    #[error("certificate fingerprint {0:?} must be a SHA-256 of 64 hex digits (colons allowed)")]
+    BadFingerprint(String),
     /// No such device.
     #[error("no device named {0:?}")]
     NotFound(String),
@@ -67,6 +76,8 @@ pub struct DeviceInfo {
     pub created_ms: i64,
     /// Whether its token was revoked.
     pub revoked: bool,
+    /// SHA-256 of its TLS client certificate (lowercase hex), if registered.
+    pub cert_sha256: Option<String>,
 }
 
 /// Checks a device name or type.
@@ -97,6 +108,36 @@ pub fn generate_token() -> Result<String, RegistryError> {
         .iter()
         .map(|b| char::from(ALPHABET[usize::from(b & 63)]))
         .collect())
+}
+
+/// Parses a certificate's SHA-256 fingerprint: 64 hex digits, either case,
+/// colons allowed anywhere (`openssl x509 -fingerprint -sha256` prints
+/// `AB:CD:…`).
+///
+/// Fails when anything else is left or the length is wrong.
+pub fn parse_cert_sha256(text: &str) -> Result<[u8; 32], RegistryError> {
+    let bad = || RegistryError::BadFingerprint(text.into());
+    let digits: Vec<u8> = text.bytes().filter(|b| *b != b':').collect();
+    // from_str_radix alone would take a "+" sign.
+    if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Lowercase hex of a fingerprint.
+pub fn fingerprint_hex(fp: &[u8]) -> String {
+    fp.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 fingerprint of a DER certificate.
+pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -142,6 +183,22 @@ impl RegistryDb {
         kind: &str,
         token: Option<&str>,
     ) -> Result<String, RegistryError> {
+        self.add_with_cert(name, kind, token, None)
+    }
+
+    /// Registers a device, optionally with its client certificate's SHA-256;
+    /// returns its token (the one given, or a generated one: a device known
+    /// by its certificate still gets a token, for the HTTP API).
+    ///
+    /// Fails when the name, type or token is invalid, or the name, token or
+    /// fingerprint is taken.
+    pub fn add_with_cert(
+        &self,
+        name: &str,
+        kind: &str,
+        token: Option<&str>,
+        cert_sha256: Option<&[u8; 32]>,
+    ) -> Result<String, RegistryError> {
         if !valid_ident(name) {
             return Err(RegistryError::BadName(name.into()));
         }
@@ -164,9 +221,24 @@ impl RegistryDb {
         if exists.is_some() {
             return Err(RegistryError::Exists(name.into()));
         }
+        if let Some(fp) = cert_sha256 {
+            let taken: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT 1 FROM devices WHERE cert_sha256 = ?1",
+                    [&fp[..]],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(self.sql())?;
+            if taken.is_some() {
+                return Err(RegistryError::CertInUse);
+            }
+        }
         self.insert_or_token_conflict(
-            "INSERT INTO devices (name, type, token_sha256, created_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![name, kind, &hash[..], now_ms()],
+            "INSERT INTO devices (name, type, token_sha256, created_ms, cert_sha256) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, kind, &hash[..], now_ms(), cert_sha256.map(|f| &f[..])],
         )?;
         Ok(token)
     }
@@ -192,7 +264,9 @@ impl RegistryDb {
     pub fn list(&self) -> Result<Vec<DeviceInfo>, RegistryError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, type, created_ms, revoked FROM devices ORDER BY name")
+            .prepare(
+                "SELECT name, type, created_ms, revoked, cert_sha256 FROM devices ORDER BY name",
+            )
             .map_err(self.sql())?;
         let rows = stmt
             .query_map([], |r| {
@@ -201,6 +275,7 @@ impl RegistryDb {
                     kind: r.get(1)?,
                     created_ms: r.get(2)?,
                     revoked: r.get::<_, i64>(3)? != 0,
+                    cert_sha256: r.get::<_, Option<Vec<u8>>>(4)?.map(|f| fingerprint_hex(&f)),
                 })
             })
             .map_err(self.sql())?;
@@ -246,32 +321,48 @@ impl RegistryDb {
         Ok(token)
     }
 
-    /// The active devices keyed by token hash.
-    fn active(&self) -> Result<HashMap<[u8; 32], DeviceName>, RegistryError> {
+    /// The active devices keyed by token hash and by certificate fingerprint.
+    fn active(&self) -> Result<Active, RegistryError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT token_sha256, name FROM devices WHERE revoked = 0")
+            .prepare("SELECT token_sha256, name, cert_sha256 FROM devices WHERE revoked = 0")
             .map_err(self.sql())?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                ))
             })
             .map_err(self.sql())?;
-        let mut out = HashMap::new();
+        let mut out = Active::default();
         for row in rows {
-            let (hash, name) = row.map_err(self.sql())?;
+            let (hash, name, cert) = row.map_err(self.sql())?;
+            let name = DeviceName::new(name);
+            if let Some(fp) = cert.and_then(|c| <[u8; 32]>::try_from(c.as_slice()).ok()) {
+                out.certs.insert(fp, name.clone());
+            }
             if let Ok(h) = <[u8; 32]>::try_from(hash.as_slice()) {
-                out.insert(h, DeviceName::new(name));
+                out.tokens.insert(h, name);
             }
         }
         Ok(out)
     }
 }
 
+/// The devices that can authenticate, by credential.
+#[derive(Default)]
+struct Active {
+    tokens: HashMap<[u8; 32], DeviceName>,
+    certs: HashMap<[u8; 32], DeviceName>,
+}
+
 /// The daemon's in-memory view of the active devices.
 pub struct Registry {
     state_db: PathBuf,
-    active: RwLock<HashMap<[u8; 32], DeviceName>>,
+    active: RwLock<Active>,
+    generation: watch::Sender<u64>,
 }
 
 impl Registry {
@@ -283,7 +374,14 @@ impl Registry {
         Ok(Self {
             state_db: state_db.to_owned(),
             active: RwLock::new(active),
+            generation: watch::Sender::new(0),
         })
+    }
+
+    /// The reload generation: it changes after every reload, when a live
+    /// session must check that its device still authenticates.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Re-reads the active devices (after the CLI changed them). Blocking:
@@ -292,10 +390,11 @@ impl Registry {
     /// Fails when state.db cannot be read; the old view is kept then.
     pub fn reload(&self) -> Result<usize, RegistryError> {
         let fresh = RegistryDb::open(&self.state_db)?.active()?;
-        let n = fresh.len();
+        let n = fresh.tokens.len();
         if let Ok(mut g) = self.active.write() {
             *g = fresh;
         }
+        self.generation.send_modify(|g| *g += 1);
         Ok(n)
     }
 
@@ -304,13 +403,19 @@ impl Registry {
     pub fn authenticate(&self, token: &str) -> Option<DeviceName> {
         let hash = token_hash(token);
         let g = self.active.read().ok()?;
-        let (stored, name) = g.get_key_value(&hash)?;
+        let (stored, name) = g.tokens.get_key_value(&hash)?;
         bool::from(stored.ct_eq(&hash)).then(|| name.clone())
+    }
+
+    /// The device whose client certificate has this SHA-256 fingerprint, if
+    /// it is registered and not revoked.
+    pub fn authenticate_cert(&self, fingerprint: &[u8; 32]) -> Option<DeviceName> {
+        self.active.read().ok()?.certs.get(fingerprint).cloned()
     }
 
     /// How many devices can authenticate.
     pub fn active_count(&self) -> usize {
-        self.active.read().map_or(0, |g| g.len())
+        self.active.read().map_or(0, |g| g.tokens.len())
     }
 }
 
@@ -363,6 +468,60 @@ mod tests {
             db.revoke("ghost"),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn fingerprints_parse_in_either_case_with_or_without_colons() {
+        let hex = "AB".repeat(32);
+        let want = [0xab; 32];
+        assert_eq!(parse_cert_sha256(&hex).unwrap(), want);
+        assert_eq!(parse_cert_sha256(&hex.to_lowercase()).unwrap(), want);
+        let colons = vec!["aB"; 32].join(":");
+        assert_eq!(parse_cert_sha256(&colons).unwrap(), want);
+        assert_eq!(fingerprint_hex(&want), "ab".repeat(32));
+        for bad in [
+            String::new(),
+            "ab".repeat(31),
+            "ab".repeat(33),
+            format!("{}zz", "ab".repeat(31)),
+            format!("{}+1", "ab".repeat(31)),
+            format!("SHA256 Fingerprint={hex}"),
+            format!("{}éa", "ab".repeat(31)),
+        ] {
+            assert!(
+                matches!(
+                    parse_cert_sha256(&bad),
+                    Err(RegistryError::BadFingerprint(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_certificate_authenticates_its_device_until_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        let fp = cert_fingerprint(b"a DER certificate");
+        let tok = db.add_with_cert("cam", "t", None, Some(&fp)).unwrap();
+        assert!(matches!(
+            db.add_with_cert("cam-2", "t", None, Some(&fp)),
+            Err(RegistryError::CertInUse)
+        ));
+        assert_eq!(
+            db.show("cam").unwrap().cert_sha256,
+            Some(fingerprint_hex(&fp))
+        );
+        let reg = Registry::load(&p).unwrap();
+        let generation = reg.subscribe();
+        assert_eq!(reg.authenticate_cert(&fp).unwrap().as_str(), "cam");
+        assert_eq!(reg.authenticate(&tok).unwrap().as_str(), "cam");
+        assert!(reg.authenticate_cert(&[0; 32]).is_none());
+        db.revoke("cam").unwrap();
+        reg.reload().unwrap();
+        assert!(generation.has_changed().unwrap());
+        assert!(reg.authenticate_cert(&fp).is_none());
     }
 
     #[test]

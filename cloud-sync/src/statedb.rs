@@ -1,6 +1,6 @@
 //! `state_dir/state.db`: the gateway's small, precious state.
 //!
-//! Schema (PRAGMA user_version = 1):
+//! Schema (PRAGMA user_version = 2):
 //! - `identity(id = 1, epoch TEXT)`: the gateway epoch, random, created with the
 //!   state dir; `(gateway, epoch, seq)` names a record even across a re-flash.
 //! - `seq_mark(id = 1, next_free INTEGER)`: the seq high-water mark. Every seq
@@ -9,6 +9,8 @@
 //!   lost, replaced or restored `outbox.db` never makes a seq repeat.
 //! - `devices(name, type, token_sha256, created_ms, revoked)`: the device
 //!   registry (tokens only as SHA-256 hashes), written by the agent's registry.
+//! - v2 adds `devices.cert_sha256` (nullable, unique when set): the SHA-256
+//!   of the DER client certificate a device may authenticate with on mTLS.
 //!
 //! Durability: `synchronous = FULL` in WAL mode; every write here is rare.
 //! Migrations run forward inside one transaction at open; a file whose
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary writes.
-pub const STATE_SCHEMA_VERSION: i64 = 1;
+pub const STATE_SCHEMA_VERSION: i64 = 2;
 
 /// Why state.db could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +132,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateDbError> {
         tx.execute("INSERT INTO identity (id, epoch) VALUES (1, ?1)", [&epoch])
             .map_err(sql)?;
     }
+    if found < 2 {
+        // SQLite cannot add a UNIQUE column; a unique index allows many NULLs.
+        tx.execute_batch(
+            "ALTER TABLE devices ADD COLUMN cert_sha256 BLOB;
+             CREATE UNIQUE INDEX devices_cert_sha256 ON devices (cert_sha256);
+             PRAGMA user_version = 2;",
+        )
+        .map_err(sql)?;
+    }
     tx.commit().map_err(sql)
 }
 
@@ -193,6 +204,63 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v, 7);
+    }
+
+    #[test]
+    fn a_v1_file_is_migrated_to_v2_keeping_its_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE identity (id INTEGER PRIMARY KEY CHECK (id = 1), epoch TEXT NOT NULL);
+                 CREATE TABLE seq_mark (id INTEGER PRIMARY KEY CHECK (id = 1), next_free INTEGER NOT NULL);
+                 INSERT INTO seq_mark (id, next_free) VALUES (1, 42);
+                 CREATE TABLE devices (
+                     name TEXT PRIMARY KEY,
+                     type TEXT NOT NULL,
+                     token_sha256 BLOB NOT NULL UNIQUE,
+                     created_ms INTEGER NOT NULL,
+                     revoked INTEGER NOT NULL DEFAULT 0
+                 );
+                 INSERT INTO identity (id, epoch) VALUES (1, '00112233aabbccdd');
+                 INSERT INTO devices (name, type, token_sha256, created_ms) VALUES ('d1', 't', x'01', 5);
+                 INSERT INTO devices (name, type, token_sha256, created_ms) VALUES ('d2', 't', x'02', 6);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let c = open(&p).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, STATE_SCHEMA_VERSION);
+        assert_eq!(epoch(&c).unwrap(), "00112233aabbccdd");
+        assert_eq!(seq_mark(&c).unwrap(), 42);
+        let certs: Vec<Option<Vec<u8>>> = c
+            .prepare("SELECT cert_sha256 FROM devices ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(certs, vec![None, None]);
+        c.execute(
+            "UPDATE devices SET cert_sha256 = x'aa' WHERE name = 'd1'",
+            [],
+        )
+        .unwrap();
+        assert!(
+            c.execute(
+                "UPDATE devices SET cert_sha256 = x'aa' WHERE name = 'd2'",
+                []
+            )
+            .is_err(),
+            "a fingerprint belongs to one device"
+        );
+        drop(c);
+        // Opening again is a no-op.
+        drop(open(&p).unwrap());
     }
 
     #[test]

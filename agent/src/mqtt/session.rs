@@ -156,6 +156,8 @@ pub enum DisconnectReason {
     QoSNotSupported,
     /// 0x82.
     ProtocolError,
+    /// 0x98: the device was revoked or its credential replaced.
+    AdministrativeAction,
 }
 
 /// A packet for the device.
@@ -239,6 +241,11 @@ pub enum Stored {
 pub trait Env {
     /// The device owning this access token, if registered and not revoked.
     fn authenticate(&self, token: &str) -> Option<DeviceName>;
+    /// The device registered for the verified TLS client certificate this
+    /// connection presented, if any; it wins over the username.
+    fn authenticate_certificate(&self) -> Option<DeviceName> {
+        None
+    }
     /// The gateway clock.
     fn now(&self) -> Stamp;
     /// Counts one ingested message.
@@ -377,10 +384,12 @@ impl Session {
             a.extend(s.close_now());
             a
         };
-        let device = username
-            .as_deref()
-            .filter(|u| !u.is_empty())
-            .and_then(|u| env.authenticate(u));
+        let device = env.authenticate_certificate().or_else(|| {
+            username
+                .as_deref()
+                .filter(|u| !u.is_empty())
+                .and_then(|u| env.authenticate(u))
+        });
         let Some(device) = device else {
             env.count(IngestResult::Unauthorized);
             tracing::debug!("MQTT CONNECT with an unknown or revoked token");

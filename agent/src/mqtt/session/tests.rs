@@ -418,3 +418,48 @@ fn qos0_telemetry_is_stored_without_an_ack_and_an_empty_object_is_accepted() {
     );
     assert!(s.settled());
 }
+
+/// A connection that presented the verified client certificate of "cam-1".
+struct CertEnv(TestEnv);
+
+impl Env for CertEnv {
+    fn authenticate(&self, token: &str) -> Option<DeviceName> {
+        self.0.authenticate(token)
+    }
+    fn authenticate_certificate(&self) -> Option<DeviceName> {
+        Some(DeviceName::new("cam-1"))
+    }
+    fn now(&self) -> Stamp {
+        self.0.now()
+    }
+    fn count(&self, result: IngestResult) {
+        self.0.count(result);
+    }
+    fn count_records(&self, n: usize) {
+        self.0.count_records(n);
+    }
+}
+
+#[test]
+fn a_registered_client_certificate_wins_over_the_username() {
+    for username in [None, Some(String::new()), Some("good-token".to_owned())] {
+        let env = CertEnv(TestEnv::default());
+        let mut s = Session::new(LIMITS);
+        let a = s.handle(
+            Inbound::Connect {
+                version: Version::V5,
+                client_id: "c".into(),
+                username: username.clone(),
+                clean: true,
+                keep_alive_s: 60,
+            },
+            &env,
+        );
+        assert_eq!(
+            a.last(),
+            Some(&Action::Authenticated(DeviceName::new("cam-1"))),
+            "{username:?}"
+        );
+        assert_eq!(s.device().map(DeviceName::as_str), Some("cam-1"));
+    }
+}
