@@ -1,12 +1,14 @@
 //! `sluice bench`: the built-in load generator. It loads a *running* gateway
 //! and reports throughput and acknowledgement latency.
 //!
-//! Only `--protocol http` is built; `mqtt` and `coap` fail with "not built
-//! yet". Before any load the generator connects once to the target, so a
-//! wrong `--url` is a clear error rather than a report full of failures.
+//! `--protocol http` and `--protocol mqtt` are built; `coap` fails with "not
+//! built yet". Before any load the generator connects once to the target, so
+//! a wrong `--url` is a clear error rather than a report full of failures.
 //! Without `--tokens` it registers the devices `bench-0` … `bench-{N-1}` in the
 //! config's `state.db` (rotating the token of those that already exist) and
-//! asks the running daemon to reload its registry over the admin socket.
+//! asks the running daemon to reload its registry over the admin socket
+//! (not with `--protocol mqtt --no-auth`, which loads any MQTT broker, like
+//! mosquitto, with anonymous connections).
 //!
 //! The load: `--concurrency` keep-alive connections, each one task that owns
 //! its socket and speaks HTTP/1.1 by hand (no client library: this is an
@@ -28,6 +30,17 @@
 //!
 //! The response parser ([`parse_head`]) is plain code without I/O and is
 //! unit-tested on its own.
+//!
+//! `--protocol mqtt` opens one MQTT 3.1.1 connection per device (username =
+//! its token) and publishes to `--topic` at `--qos 0|1` with up to
+//! `--inflight` unacknowledged messages per connection; see [`mqtt`].
+//!
+//! ```text
+//! $ sluice bench --protocol mqtt --qos 1 --devices 100 --messages 200000
+//! sluice bench: mqtt (QoS 1, 100 in flight) to mqtt://127.0.0.1:1883, 100 devices, 100 connections, 100-byte payloads
+//! ```
+
+mod mqtt;
 
 use crate::admin::{self, AdminError};
 use crate::config::Config;
@@ -70,7 +83,7 @@ const BENCH_DEVICE_TYPE: &str = "bench";
 pub enum BenchProtocol {
     /// ThingsBoard device API over HTTP/1.1.
     Http,
-    /// MQTT (not built yet).
+    /// MQTT 3.1.1, one connection per device.
     Mqtt,
     /// CoAP (not built yet).
     Coap,
@@ -89,7 +102,7 @@ impl BenchProtocol {
 /// Arguments of `sluice bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Device protocol to load (only http is built yet).
+    /// Device protocol to load (http or mqtt; coap is not built yet).
     #[arg(long, value_enum)]
     pub protocol: BenchProtocol,
     /// Devices to spread the messages over, round-robin [default: 10, or
@@ -99,20 +112,34 @@ pub struct BenchArgs {
     /// Messages to send in all.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=MAX_MESSAGES))]
     pub messages: u64,
-    /// Connections in flight at once.
+    /// Connections in flight at once (http; mqtt opens one per device).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_CONCURRENCY))]
     pub concurrency: u64,
     /// Approximate size of each JSON body in bytes.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_PAYLOAD_BYTES))]
     pub payload_bytes: u64,
-    /// Gateway to load, like http://127.0.0.1:8080 [default: listeners.http.bind
-    /// of the configuration, 0.0.0.0 read as 127.0.0.1].
+    /// Gateway to load, like http://127.0.0.1:8080 or mqtt://127.0.0.1:1883
+    /// [default: listeners.http.bind or listeners.mqtt.bind of the
+    /// configuration, 0.0.0.0 read as 127.0.0.1].
     #[arg(long)]
     pub url: Option<String>,
     /// File of device access tokens, one a line ('#' starts a comment line);
     /// without it the bench registers devices bench-0..N-1 itself.
     #[arg(long)]
     pub tokens: Option<PathBuf>,
+    /// MQTT QoS of the PUBLISHes (mqtt only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Most unacknowledged QoS 1 PUBLISHes per connection (mqtt only).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inflight: u16,
+    /// Topic to publish to (mqtt only).
+    #[arg(long, default_value = "v1/devices/me/telemetry")]
+    pub topic: String,
+    /// Connect without a username and register no device (mqtt only): loads
+    /// a plain broker such as mosquitto.
+    #[arg(long)]
+    pub no_auth: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -122,7 +149,7 @@ pub struct BenchArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// The protocol's load generator does not exist yet.
-    #[error("sluice bench --protocol {0} is not built yet (only --protocol http is)")]
+    #[error("sluice bench --protocol {0} is not built yet (only http and mqtt are)")]
     NotBuilt(&'static str),
     /// An argument is out of range (clap checks these too; this is for callers
     /// that build [`BenchArgs`] themselves).
@@ -146,11 +173,19 @@ pub enum BenchError {
     /// No `--url`, and the configuration has no HTTP listener to default to.
     #[error("no --url given and the configuration has no [listeners.http]")]
     NoHttpListener,
+    /// No `--url`, and the configuration has no MQTT listener to default to.
+    #[error("no --url given and the configuration has no [listeners.mqtt]")]
+    NoMqttListener,
     /// No `--url`, and the configured listener binds an ephemeral port.
     #[error(
-        "no --url given and listeners.http.bind is {0} (port 0); pass --url with the port `sluice status` shows"
+        "no --url given and {key} is {addr} (port 0); pass --url with the port `sluice status` shows"
     )]
-    EphemeralPort(SocketAddr),
+    EphemeralPort {
+        /// The configuration key, like `listeners.http.bind`.
+        key: &'static str,
+        /// Its value.
+        addr: SocketAddr,
+    },
     /// The token file cannot be read.
     #[error("--tokens {path}: {source}")]
     TokenFile {
@@ -227,7 +262,8 @@ impl BenchError {
             | Self::OutOfRange { .. }
             | Self::BadUrl { .. }
             | Self::NoHttpListener
-            | Self::EphemeralPort(_)
+            | Self::NoMqttListener
+            | Self::EphemeralPort { .. }
             | Self::TokenFile { .. }
             | Self::BadToken { .. }
             | Self::TooFewTokens { .. } => 2,
@@ -263,15 +299,23 @@ pub struct BenchReport {
     pub devices: u64,
     /// Connections in flight.
     pub concurrency: u64,
+    /// MQTT QoS (mqtt only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u8>,
+    /// Most unacknowledged PUBLISHes per connection (mqtt at QoS 1 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inflight: Option<u16>,
     /// Size of each request body (the smallest body the generator writes is
     /// larger than a tiny `--payload-bytes`).
     pub payload_bytes: u64,
     /// Messages attempted.
     pub messages: u64,
-    /// Messages answered 200.
+    /// Messages answered 200 (http), acknowledged by PUBACK (mqtt QoS 1),
+    /// or written before a PINGRESP (mqtt QoS 0).
     pub ok: u64,
     /// Failed messages by cause: an HTTP status (`"503"`), or `connect`,
-    /// `io`, `closed` (peer closed mid-exchange), `timeout`, `bad_response`.
+    /// `io`, `closed` (peer closed mid-exchange), `timeout`, `bad_response`,
+    /// `refused` (MQTT CONNACK refused).
     pub errors: BTreeMap<String, u64>,
     /// What the first failure other than an HTTP status was, if any
     /// (`"connect: Connection refused (os error 111)"`).
@@ -296,9 +340,14 @@ impl BenchReport {
     ///
     /// Fails when `out` fails.
     pub fn write_human(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mode = match (self.qos, self.inflight) {
+            (Some(qos), Some(inflight)) => format!(" (QoS {qos}, {inflight} in flight)"),
+            (Some(qos), None) => format!(" (QoS {qos})"),
+            _ => String::new(),
+        };
         writeln!(
             out,
-            "sluice bench: {} to {}, {} devices, {} connections, {}-byte payloads",
+            "sluice bench: {}{mode} to {}, {} devices, {} connections, {}-byte payloads",
             self.protocol.name(),
             self.url,
             self.devices,
@@ -343,7 +392,7 @@ impl BenchReport {
 /// or when the target does not accept a first connection. Failed messages
 /// after that are counted in the report, not returned as an error.
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
-    if args.protocol != BenchProtocol::Http {
+    if args.protocol == BenchProtocol::Coap {
         return Err(BenchError::NotBuilt(args.protocol.name()));
     }
     check_range("messages", args.messages, MAX_MESSAGES)?;
@@ -355,9 +404,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
 
     let url = match &args.url {
         Some(u) => u.clone(),
-        None => default_url(cfg)?,
+        None => default_url(cfg, args.protocol)?,
     };
-    let target = Target::parse(&url).map_err(|problem| BenchError::BadUrl {
+    let target = Target::parse(&url, args.protocol).map_err(|problem| BenchError::BadUrl {
         url: url.clone(),
         problem,
     })?;
@@ -373,7 +422,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         }
     })?;
 
+    let mqtt_no_auth = args.protocol == BenchProtocol::Mqtt && args.no_auth;
     let tokens = match &args.tokens {
+        _ if mqtt_no_auth => Vec::new(),
         Some(path) => {
             let mut tokens = read_tokens(path)?;
             if let Some(wanted) = args.devices {
@@ -391,20 +442,47 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         None => register_devices(cfg, args.devices.unwrap_or(10))?,
     };
 
-    let plan = Arc::new(Plan {
-        addr,
-        host_header: target.host_header,
-        tokens,
-        messages: args.messages,
-        payload_bytes: usize::try_from(args.payload_bytes).unwrap_or(usize::MAX),
-        next: AtomicU64::new(0),
-    });
+    let payload_bytes = usize::try_from(args.payload_bytes).unwrap_or(usize::MAX);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(BenchError::Runtime)?;
-    let connections = args.concurrency.min(args.messages);
-    let (tally, elapsed) = rt.block_on(load(plan.clone(), connections))?;
+    let (tally, elapsed, devices, connections) = if args.protocol == BenchProtocol::Mqtt {
+        let usernames: Vec<Option<String>> = if mqtt_no_auth {
+            let n = usize::try_from(args.devices.unwrap_or(10)).unwrap_or(usize::MAX);
+            vec![None; n]
+        } else {
+            tokens.into_iter().map(Some).collect()
+        };
+        let n = usernames.len() as u64;
+        let plan = Arc::new(mqtt::MqttPlan {
+            addr,
+            usernames,
+            topic: args.topic.clone(),
+            qos: if args.qos == 0 {
+                rumqttc::mqttbytes::QoS::AtMostOnce
+            } else {
+                rumqttc::mqttbytes::QoS::AtLeastOnce
+            },
+            inflight: args.inflight,
+            messages: args.messages,
+            payload_bytes,
+        });
+        let (tally, elapsed) = rt.block_on(mqtt::load(plan))?;
+        (tally, elapsed, n, n)
+    } else {
+        let plan = Arc::new(Plan {
+            addr,
+            host_header: target.host_header,
+            tokens,
+            messages: args.messages,
+            payload_bytes,
+            next: AtomicU64::new(0),
+        });
+        let connections = args.concurrency.min(args.messages);
+        let (tally, elapsed) = rt.block_on(load(plan.clone(), connections))?;
+        (tally, elapsed, plan.tokens.len() as u64, connections)
+    };
 
     let mut samples = tally.samples_us;
     samples.sort_unstable();
@@ -425,9 +503,11 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         protocol: args.protocol,
         url,
-        devices: plan.tokens.len() as u64,
+        devices,
         concurrency: connections,
-        payload_bytes: write_body(&mut Vec::new(), 0, plan.payload_bytes) as u64,
+        qos: (args.protocol == BenchProtocol::Mqtt).then_some(args.qos),
+        inflight: (args.protocol == BenchProtocol::Mqtt && args.qos > 0).then_some(args.inflight),
+        payload_bytes: write_body(&mut Vec::new(), 0, payload_bytes) as u64,
         messages: tally.sent,
         ok: tally.ok,
         errors: tally.errors,
@@ -450,13 +530,21 @@ fn check_range(flag: &'static str, value: u64, max: u64) -> Result<(), BenchErro
     }
 }
 
-/// `http://` + the configured HTTP listener, an unspecified address read as
-/// loopback.
-fn default_url(cfg: &Config) -> Result<String, BenchError> {
-    let http = cfg.http.as_ref().ok_or(BenchError::NoHttpListener)?;
-    let mut addr = http.bind;
+/// `http://` + the configured HTTP listener (or `mqtt://` + the MQTT one),
+/// an unspecified address read as loopback.
+fn default_url(cfg: &Config, protocol: BenchProtocol) -> Result<String, BenchError> {
+    let (mut addr, key) = match protocol {
+        BenchProtocol::Mqtt => (
+            cfg.mqtt.as_ref().ok_or(BenchError::NoMqttListener)?.bind,
+            "listeners.mqtt.bind",
+        ),
+        _ => (
+            cfg.http.as_ref().ok_or(BenchError::NoHttpListener)?.bind,
+            "listeners.http.bind",
+        ),
+    };
     if addr.port() == 0 {
-        return Err(BenchError::EphemeralPort(addr));
+        return Err(BenchError::EphemeralPort { key, addr });
     }
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
@@ -464,7 +552,7 @@ fn default_url(cfg: &Config) -> Result<String, BenchError> {
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         });
     }
-    Ok(format!("http://{addr}"))
+    Ok(format!("{}://{addr}", protocol.name()))
 }
 
 /// Where the load goes.
@@ -477,26 +565,30 @@ struct Target {
 }
 
 impl Target {
-    /// Parses `http://host[:port][/]`; the error says what is wrong.
-    fn parse(url: &str) -> Result<Self, String> {
+    /// Parses `http://host[:port][/]` (`mqtt://` for `--protocol mqtt`);
+    /// the error says what is wrong.
+    fn parse(url: &str, protocol: BenchProtocol) -> Result<Self, String> {
+        let (want, default_port) = match protocol {
+            BenchProtocol::Mqtt => ("mqtt", 1883),
+            _ => ("http", 80),
+        };
         let rest = match url.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case(want) => rest,
             Some((scheme, _)) => {
                 return Err(format!(
-                    "scheme {scheme:?} is not supported; use http://HOST:PORT"
+                    "scheme {scheme:?} is not supported; use {want}://HOST:PORT"
                 ));
             }
-            None => return Err("not a URL like http://127.0.0.1:8080".into()),
+            None => return Err(format!("not a URL like {want}://127.0.0.1:{default_port}")),
         };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         if !path.is_empty() {
-            return Err(
-                "a path is not supported; give only http://HOST:PORT (the bench posts to /api/v1/{token}/telemetry)"
-                    .into(),
-            );
+            return Err(format!(
+                "a path is not supported; give only {want}://HOST:PORT"
+            ));
         }
         if authority.is_empty() || authority.contains('@') {
-            return Err("expected http://HOST:PORT".into());
+            return Err(format!("expected {want}://HOST:PORT"));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6
@@ -519,7 +611,7 @@ impl Target {
             return Err("the host is empty".into());
         }
         let port = match port {
-            None => 80,
+            None => default_port,
             Some(p) => p
                 .parse::<u16>()
                 .ok()
@@ -1208,12 +1300,12 @@ mod tests {
 
     #[test]
     fn urls_parse_to_host_port_and_host_header() {
-        let t = Target::parse("http://127.0.0.1:18090").unwrap();
+        let t = Target::parse("http://127.0.0.1:18090", BenchProtocol::Http).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 18090));
         assert_eq!(t.host_header, "127.0.0.1:18090");
-        let t = Target::parse("HTTP://gw.local/").unwrap();
+        let t = Target::parse("HTTP://gw.local/", BenchProtocol::Http).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("gw.local", 80));
-        let t = Target::parse("http://[::1]:8080").unwrap();
+        let t = Target::parse("http://[::1]:8080", BenchProtocol::Http).unwrap();
         assert_eq!(
             (t.host.as_str(), t.port, t.host_header.as_str()),
             ("::1", 8080, "[::1]:8080")
@@ -1231,7 +1323,14 @@ mod tests {
             "http://u@gw:80",
             "http://[::1",
         ] {
-            assert!(Target::parse(bad).is_err(), "{bad}");
+            assert!(Target::parse(bad, BenchProtocol::Http).is_err(), "{bad}");
+        }
+        let t = Target::parse("mqtt://127.0.0.1", BenchProtocol::Mqtt).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 1883));
+        let t = Target::parse("MQTT://gw:18830/", BenchProtocol::Mqtt).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("gw", 18830));
+        for bad in ["http://gw:1883", "mqtts://gw", "mqtt://gw/topic", "gw:1883"] {
+            assert!(Target::parse(bad, BenchProtocol::Mqtt).is_err(), "{bad}");
         }
     }
 
@@ -1256,6 +1355,10 @@ mod tests {
             payload_bytes: 100,
             url,
             tokens,
+            qos: 1,
+            inflight: 100,
+            topic: "v1/devices/me/telemetry".into(),
+            no_auth: false,
             json: false,
         }
     }
@@ -1351,6 +1454,8 @@ mod tests {
             url: "http://127.0.0.1:1".into(),
             devices: 2,
             concurrency: 4,
+            qos: None,
+            inflight: None,
             payload_bytes: 100,
             messages: 10,
             ok: 7,
@@ -1385,10 +1490,15 @@ mod tests {
     fn bad_input_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = test_config(dir.path(), None);
+        let mut coap = args(None, None);
+        coap.protocol = BenchProtocol::Coap;
+        let e = run(&cfg, &coap).unwrap_err();
+        assert!(e.to_string().contains("not built yet"), "{e}");
         let mut mqtt = args(None, None);
         mqtt.protocol = BenchProtocol::Mqtt;
-        let e = run(&cfg, &mqtt).unwrap_err();
-        assert!(e.to_string().contains("not built yet"), "{e}");
+        assert!(matches!(run(&cfg, &mqtt), Err(BenchError::NoMqttListener)));
+        mqtt.url = Some("http://127.0.0.1:1".into());
+        assert!(matches!(run(&cfg, &mqtt), Err(BenchError::BadUrl { .. })));
         assert!(matches!(
             run(&cfg, &args(None, None)),
             Err(BenchError::NoHttpListener)
@@ -1396,7 +1506,10 @@ mod tests {
         let ephemeral = test_config(dir.path(), Some("0.0.0.0:0"));
         assert!(matches!(
             run(&ephemeral, &args(None, None)),
-            Err(BenchError::EphemeralPort(_))
+            Err(BenchError::EphemeralPort {
+                key: "listeners.http.bind",
+                ..
+            })
         ));
         let e = run(&cfg, &args(Some("https://x:1".into()), None)).unwrap_err();
         assert!(matches!(e, BenchError::BadUrl { .. }), "{e}");

@@ -1216,3 +1216,426 @@ fn mqtt_get_session_limits_is_answered_to_the_requesting_paho_session() {
             .all(|m| !m[0].as_str().unwrap().contains("request"))
     );
 }
+
+#[test]
+fn sluice_bench_over_mqtt_stores_every_acknowledged_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &mqtt_spec());
+    gw.start();
+    let url = format!("mqtt://{}", gw.mqtt.as_ref().unwrap());
+    let out = gw.cli(&[
+        "bench",
+        "--protocol",
+        "mqtt",
+        "--qos",
+        "1",
+        "--devices",
+        "5",
+        "--messages",
+        "2000",
+        "--url",
+        &url,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], 2000, "{report}");
+    assert_eq!(report["concurrency"], 5, "one connection per device");
+    assert!(
+        report["latency_ms"]["p99"].as_f64().unwrap()
+            >= report["latency_ms"]["p50"].as_f64().unwrap()
+    );
+    let st = gw.status();
+    assert_eq!(
+        st["outbox"]["records"], 2000,
+        "every PUBACKed message is stored"
+    );
+    assert_eq!(st["ingest"]["messages"]["mqtt"]["ok"], 2000);
+}
+
+/// A gateway with `[listeners.mqtt]` and `[listeners.mqtts]` (the PKI's
+/// server certificate); `mtls` makes the PKI's CA the client CA.
+fn mqtts_gateway(dir: &std::path::Path, pki: &Pki, mtls: bool) -> Gateway {
+    let gw = Gateway::new(dir, &mqtt_spec());
+    let mut text = std::fs::read_to_string(&gw.config).unwrap();
+    text.push_str(&format!(
+        "\n[listeners.mqtts]\nbind = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.cert.display(),
+        pki.key.display()
+    ));
+    if mtls {
+        text.push_str(&format!("client_ca_file = \"{}\"\n", pki.ca.display()));
+    }
+    std::fs::write(&gw.config, text).unwrap();
+    gw
+}
+
+/// An MQTT client command aimed at the gateway's TLS listener, trusting the
+/// PKI's CA.
+fn mqtts_client(gw: &Gateway, pki: &Pki, program: &str) -> std::process::Command {
+    let st = gw.status();
+    let addr = st["listeners"]["mqtts"].as_str().expect("mqtts is on");
+    let (_, port) = addr.rsplit_once(':').unwrap();
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(["-h", "localhost", "-p", port, "--cafile"])
+        .arg(&pki.ca);
+    cmd
+}
+
+/// What `openssl x509 -fingerprint -sha256` prints after the `=`.
+fn openssl_sha256(cert: &std::path::Path) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    line.trim().rsplit_once('=').unwrap().1.to_owned()
+}
+
+fn cli_ok(gw: &Gateway, args: &[&str]) -> String {
+    let out = gw.cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn mqtts_with_a_server_certificate_takes_token_publishes_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(tmp.path());
+    let mut gw = mqtts_gateway(&tmp.path().join("gw"), &pki, false);
+    let token = gw.add_device("dev-tls");
+    gw.start();
+    for (version, n) in [("mqttv311", 0), ("mqttv5", 1)] {
+        let out = mqtts_client(&gw, &pki, "mosquitto_pub")
+            .args(["-V", version, "-q", "1", "-u", &token])
+            .args([
+                "-t",
+                "v1/devices/me/telemetry",
+                "-m",
+                &format!("{{\"n\":{n}}}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = mqtts_client(&gw, &pki, "mosquitto_pub")
+        .args([
+            "-q",
+            "1",
+            "-u",
+            "wrong-token",
+            "-t",
+            "v1/devices/me/telemetry",
+        ])
+        .args(["-m", "{\"n\":9}"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a wrong token is refused over TLS too"
+    );
+    let got: Vec<(String, i64)> = peek_all(&gw)
+        .iter()
+        .map(|r| {
+            (
+                r["device"].as_str().unwrap().to_owned(),
+                r["values"]["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![("dev-tls".into(), 0), ("dev-tls".into(), 1)]);
+    assert_eq!(gw.stop(), Some(0));
+}
+
+#[test]
+fn mtls_a_registered_client_certificate_publishes_without_a_username_and_an_unknown_one_is_refused()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(tmp.path());
+    let mut gw = mqtts_gateway(&tmp.path().join("gw"), &pki, true);
+    let (cert, key) = pki.client_cert("cam-1");
+    let fingerprint = openssl_sha256(&cert);
+    let token = cli_ok(
+        &gw,
+        &["devices", "add", "cam-1", "--cert-sha256", &fingerprint],
+    );
+    assert_eq!(token.trim().len(), 20, "a token is still generated");
+    let shown = cli_ok(&gw, &["devices", "show", "cam-1"]);
+    assert!(
+        shown.contains(&fingerprint.replace(':', "").to_lowercase()),
+        "{shown}"
+    );
+    let plain = gw.add_device("plain");
+    gw.start();
+
+    let out = mqtts_client(&gw, &pki, "mosquitto_pub")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["-V", "mqttv5", "-q", "1", "-t", "v1/devices/me/telemetry"])
+        .args(["-m", "{\"by\":\"cert\"}"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Client certificates are optional: a token device connects without one.
+    let out = mqtts_client(&gw, &pki, "mosquitto_pub")
+        .args(["-q", "1", "-u", &plain, "-t", "v1/devices/me/telemetry"])
+        .args(["-m", "{\"by\":\"token\"}"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (stranger, stranger_key) = pki.client_cert("stranger");
+    for version in ["mqttv311", "mqttv5"] {
+        let out = mqtts_client(&gw, &pki, "mosquitto_pub")
+            .arg("--cert")
+            .arg(&stranger)
+            .arg("--key")
+            .arg(&stranger_key)
+            .args(["-V", version, "-q", "1", "-t", "v1/devices/me/telemetry"])
+            .args(["-m", "{\"by\":\"stranger\"}"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{version}: an unregistered certificate"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            stderr.contains("refused") || stderr.contains("bad user name"),
+            "{stderr}"
+        );
+    }
+
+    let got: Vec<(String, String)> = peek_all(&gw)
+        .iter()
+        .map(|r| {
+            (
+                r["device"].as_str().unwrap().to_owned(),
+                r["values"]["by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("cam-1".into(), "cert".into()),
+            ("plain".into(), "token".into())
+        ]
+    );
+    assert_eq!(gw.status()["ingest"]["auth_failures"]["mqtt"], 2);
+}
+
+/// Kills a still-running child when the test ends early.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_exit(child: &mut Reaped, what: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        child.0.try_wait().unwrap().is_some()
+    });
+}
+
+#[test]
+fn revoking_a_device_disconnects_its_live_sessions_within_seconds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(tmp.path());
+    let mut gw = mqtts_gateway(&tmp.path().join("gw"), &pki, true);
+    let token = gw.add_device("dev-tok");
+    let (cert, key) = pki.client_cert("cam-2");
+    cli_ok(
+        &gw,
+        &[
+            "devices",
+            "add",
+            "cam-2",
+            "--cert-sha256",
+            &openssl_sha256(&cert),
+        ],
+    );
+    gw.start();
+    let addr = gw.mqtt.clone().unwrap();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let quiet = |c: &mut std::process::Command| {
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    };
+    let mut by_token = std::process::Command::new("mosquitto_sub");
+    by_token
+        .args(["-h", host, "-p", port, "-V", "mqttv5", "-u", &token])
+        .args(["-t", "v1/devices/me/attributes"]);
+    quiet(&mut by_token);
+    let mut by_token = Reaped(by_token.spawn().unwrap());
+    let mut by_cert = mqtts_client(&gw, &pki, "mosquitto_sub");
+    by_cert
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["-t", "v1/devices/me/attributes"]);
+    quiet(&mut by_cert);
+    let mut by_cert = Reaped(by_cert.spawn().unwrap());
+    wait_for("both sessions up", Duration::from_secs(10), || {
+        gw.status()["devices"]["connected"] == 2
+    });
+
+    cli_ok(&gw, &["devices", "revoke", "dev-tok"]);
+    wait_exit(&mut by_token, "the revoked token's mosquitto_sub exits");
+    assert!(
+        by_cert.0.try_wait().unwrap().is_none(),
+        "the other device stays connected"
+    );
+    assert_eq!(gw.status()["devices"]["connected"], 1);
+
+    cli_ok(&gw, &["devices", "revoke", "cam-2"]);
+    wait_exit(
+        &mut by_cert,
+        "the revoked certificate's mosquitto_sub exits",
+    );
+    assert_eq!(gw.status()["devices"]["connected"], 0);
+}
+
+/// mosquitto_pub `-l -d` at QoS 1: the `n` of every line whose PUBACK it
+/// printed (mids count lines from 1 in order).
+fn mqtt_pubacked(
+    mqtt: &str,
+    token: &str,
+    from: i64,
+    count: i64,
+    kill_after: Duration,
+    gw: &mut Gateway,
+) -> Vec<i64> {
+    let (host, port) = mqtt.rsplit_once(':').unwrap();
+    // stdbuf: line-buffered stdout, so no printed PUBACK is lost when the
+    // client is killed below.
+    let mut child = std::process::Command::new("stdbuf")
+        .args(["-oL", "mosquitto_pub"])
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-u",
+            token,
+            "-q",
+            "1",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-l",
+            "-d",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines: String = (from..from + count)
+        .map(|n| format!("{{\"n\":{n}}}\n"))
+        .collect();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let _ = stdin.write_all(lines.as_bytes());
+    });
+    pause(kill_after);
+    gw.kill9();
+    // mosquitto_pub would retry the dead gateway for ever: stop it too.
+    pause(Duration::from_millis(100));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_once("received PUBACK (Mid: ")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .map(|mid| from + mid - 1)
+        .collect()
+}
+
+#[test]
+fn mqtt_qos1_sigkill_loses_no_pubacked_message() {
+    let w = world_with_broker();
+    let spec = GatewaySpec {
+        mqtt: true,
+        ..w.spec()
+    };
+    let mut gw = Gateway::new(&w.dir("gw"), &spec);
+    let token = gw.add_device("dev-1");
+    let mut acked = Vec::new();
+    for round in 0..8i64 {
+        gw.start();
+        let mqtt = gw.mqtt.clone().unwrap();
+        let delay = Duration::from_millis(40 + (round as u64 * 37) % 160);
+        acked.extend(mqtt_pubacked(
+            &mqtt,
+            &token,
+            round * 10_000,
+            3000,
+            delay,
+            &mut gw,
+        ));
+    }
+    assert!(
+        acked.len() > 100,
+        "too few PUBACKs to mean anything: {}",
+        acked.len()
+    );
+    gw.start();
+    wait_for(
+        "every PUBACKed message at the cloud",
+        Duration::from_secs(90),
+        || {
+            let seen: BTreeSet<i64> = w
+                .observer()
+                .records()
+                .iter()
+                .map(|r| r.2["values"]["n"].as_i64().unwrap())
+                .collect();
+            acked.iter().all(|n| seen.contains(n))
+        },
+    );
+    let recs = w.observer().records();
+    assert_duplicates_share_seq(&recs);
+    assert_order_by_seq(&recs);
+    eprintln!(
+        "mqtt kill -9 x8: {} PUBACKed messages, all at the cloud ({} records received)",
+        acked.len(),
+        recs.len()
+    );
+}
