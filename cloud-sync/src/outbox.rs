@@ -1743,7 +1743,12 @@ impl Writer {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut rows: Vec<Row> = Vec::new();
             for cmd in batch {
+                if !matches!(cmd, Command::Append { .. }) {
+                    // Deletes and purges see every row appended before them.
+                    flush_rows(&tx, &mut rows)?;
+                }
                 match cmd {
                     Command::Append {
                         stream,
@@ -1765,6 +1770,7 @@ impl Writer {
                             now,
                             &stream,
                             bodies,
+                            &mut rows,
                         )?;
                         replies.push(Reply::Append(reply, res));
                     }
@@ -1821,6 +1827,7 @@ impl Writer {
                     Command::Restamp | Command::SetAside(_) | Command::Shutdown => {}
                 }
             }
+            flush_rows(&tx, &mut rows)?;
             write_totals(&tx, &mut self.totals, now)?;
             tx.commit()
         })();
@@ -2034,6 +2041,8 @@ fn write_totals(conn: &Connection, totals: &mut Totals, now: Now) -> rusqlite::R
     Ok(())
 }
 
+// The writer's fields are passed one by one so their borrows stay disjoint.
+#[allow(clippy::too_many_arguments)]
 fn append(
     tx: &rusqlite::Transaction<'_>,
     config: &OutboxConfig,
@@ -2042,6 +2051,7 @@ fn append(
     now: Now,
     stream: &str,
     bodies: Vec<(Vec<u8>, bool, i64)>,
+    rows: &mut Vec<Row>,
 ) -> rusqlite::Result<Result<AppendReceipt, AppendError>> {
     let Some(si) = totals.streams.iter().position(|s| s.name == stream) else {
         return Ok(Err(AppendError::UnknownStream(stream.to_owned())));
@@ -2070,6 +2080,9 @@ fn append(
         if config.when_full == WhenFull::Reject {
             return refuse(totals);
         }
+        // Eviction looks for the oldest rows in the table: put the buffered
+        // ones there first.
+        flush_rows(tx, rows)?;
         // Own cap first: the stream makes room within itself.
         while totals.streams[si].bytes + size > cap {
             if delete_head_older_than(tx, &mut totals.streams[si], i64::MAX, 1, FULL)? == 0 {
@@ -2096,59 +2109,70 @@ fn append(
     }
     let first = *next_seq;
     let s = &mut totals.streams[si];
-    // Full chunks go in one multi-row INSERT each (per-statement overhead was
-    // about a quarter of the writer's time at large batches); the rest row by row.
-    let mut chunk_stmt = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
-    let mut row_stmt = tx.prepare_cached(&insert_sql(1))?;
-    let mut ints: Vec<[i64; 9]> = Vec::with_capacity(ROWS_PER_INSERT);
-    for chunk in bodies.chunks(ROWS_PER_INSERT) {
-        ints.clear();
-        for (body, untrusted, dev) in chunk {
-            let len = body.len() as u64 + ROW_OVERHEAD;
-            ints.push([
+    for (body, untrusted, dev) in bodies {
+        let len = body.len() as u64 + ROW_OVERHEAD;
+        rows.push(Row {
+            ints: [
                 to_i64(*next_seq),
                 stream,
                 now.wall,
                 now.life,
                 now.boot,
                 now.mono,
-                i64::from(*untrusted),
+                i64::from(untrusted),
                 to_i64(len),
-                *dev,
-            ]);
-            *next_seq += 1;
-            s.records += 1;
-            s.bytes += len;
-            *s.dev_delta.entry(*dev).or_default() += 1;
-        }
-        let row_params = |i: usize| -> [&dyn rusqlite::ToSql; 10] {
-            let r = &ints[i];
-            [
-                &r[0],
-                &r[1],
-                &r[2],
-                &r[3],
-                &r[4],
-                &r[5],
-                &r[6],
-                &r[7],
-                &chunk[i].0,
-                &r[8],
-            ]
-        };
-        if chunk.len() == ROWS_PER_INSERT {
-            let all: Vec<&dyn rusqlite::ToSql> = (0..chunk.len()).flat_map(row_params).collect();
-            chunk_stmt.execute(rusqlite::params_from_iter(all))?;
-        } else {
-            for i in 0..chunk.len() {
-                row_stmt.execute(&row_params(i)[..])?;
-            }
-        }
+                dev,
+            ],
+            body,
+        });
+        *next_seq += 1;
+        s.records += 1;
+        s.bytes += len;
+        *s.dev_delta.entry(dev).or_default() += 1;
     }
     Ok(Ok(AppendReceipt {
         first: Seq(first),
         last: Seq(*next_seq - 1),
     }))
+}
+
+/// A record row waiting to be inserted: appends of one transaction are
+/// buffered and written together, in seq order, in multi-row INSERTs (per-
+/// statement overhead was about a quarter of the writer's time, and the
+/// typical append carries one record).
+struct Row {
+    /// seq, stream, accepted_ms, life_ms, boot, mono_ms, untrusted, len, dev.
+    ints: [i64; 9],
+    body: Vec<u8>,
+}
+
+fn row_params(r: &Row) -> [&dyn rusqlite::ToSql; 10] {
+    let i = &r.ints;
+    [
+        &i[0], &i[1], &i[2], &i[3], &i[4], &i[5], &i[6], &i[7], &r.body, &i[8],
+    ]
+}
+
+/// Inserts the buffered rows (in chunks of [`ROWS_PER_INSERT`], the rest one
+/// by one) and empties the buffer.
+fn flush_rows(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>) -> rusqlite::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut chunk_stmt = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
+    let mut row_stmt = tx.prepare_cached(&insert_sql(1))?;
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        if chunk.len() == ROWS_PER_INSERT {
+            let all: Vec<&dyn rusqlite::ToSql> = chunk.iter().flat_map(row_params).collect();
+            chunk_stmt.execute(rusqlite::params_from_iter(all))?;
+        } else {
+            for r in chunk {
+                row_stmt.execute(&row_params(r)[..])?;
+            }
+        }
+    }
+    rows.clear();
+    Ok(())
 }
 
 /// Rows per multi-row INSERT (10 parameters each; SQLite allows 32 766).
