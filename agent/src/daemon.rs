@@ -107,13 +107,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     }
 
     let mqtt_sessions = Arc::new(Sessions::default());
-    if let Some(m) = &cfg.mqtt {
-        let tcp = tokio::net::TcpListener::bind(m.bind)
-            .await
-            .with_context(|| format!("listeners.mqtt.bind {}", m.bind))?;
-        let addr = tcp.local_addr().context("listeners.mqtt.bind")?;
-        listeners.insert("mqtt", addr.to_string());
-        let ctx = Arc::new(MqttContext {
+    // mqtt and mqtts share the session table, so a device's second
+    // connection takes over its first whichever listener each came through.
+    let mqtt_context = |m: &crate::config::MqttListenerConfig| {
+        Arc::new(MqttContext {
             registry: registry.clone(),
             outbox: outbox.clone(),
             stats: stats.clone(),
@@ -122,7 +119,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             max_packet_size: m.max_packet_size,
             max_connections: m.max_connections,
             connect_timeout: m.connect_timeout,
-        });
+        })
+    };
+    if let Some(m) = &cfg.mqtt {
+        let tcp = tokio::net::TcpListener::bind(m.bind)
+            .await
+            .with_context(|| format!("listeners.mqtt.bind {}", m.bind))?;
+        let addr = tcp.local_addr().context("listeners.mqtt.bind")?;
+        listeners.insert("mqtt", addr.to_string());
+        let ctx = mqtt_context(m);
         listener_tasks.push(spawn(
             "mqtt listener",
             Box::pin(mqtt::serve(tcp, ctx, None, listeners_cancel.clone())),
@@ -135,16 +140,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             .with_context(|| format!("listeners.mqtts.bind {}", m.listener.bind))?;
         let addr = tcp.local_addr().context("listeners.mqtts.bind")?;
         listeners.insert("mqtts", addr.to_string());
-        let ctx = Arc::new(MqttContext {
-            registry: registry.clone(),
-            outbox: outbox.clone(),
-            stats: stats.clone(),
-            clock: clock.clone(),
-            sessions: mqtt_sessions.clone(),
-            max_packet_size: m.listener.max_packet_size,
-            max_connections: m.listener.max_connections,
-            connect_timeout: m.listener.connect_timeout,
-        });
+        let ctx = mqtt_context(&m.listener);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         listener_tasks.push(spawn(
             "mqtts listener",
