@@ -743,3 +743,61 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests standing in for a cargo-fuzz target (no nightly
+    //! toolchain here): arbitrary bytes through the framing and the decoders
+    //! of both protocol versions never panic, and a frame the length check
+    //! accepts is never longer than the limit.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn run(bytes: &[u8], version: Version) {
+        let max = 4096;
+        let mut buf = BytesMut::from(bytes);
+        for _ in 0..64 {
+            match frame_len(&buf, max) {
+                Ok(Some(n)) if n <= buf.len() => {
+                    assert!(n <= max, "a frame of {n} bytes passed a {max}-byte limit");
+                    let mut frame = buf.split_to(n);
+                    let _ = decode(&mut frame, version, max);
+                }
+                _ => return,
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_bytes_never_panic_the_framing_or_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            run(&bytes, Version::V4);
+            run(&bytes, Version::V5);
+        }
+
+        /// Valid packet types with arbitrary bodies reach deeper into the decoders.
+        #[test]
+        fn plausible_headers_with_arbitrary_bodies_never_panic(
+            kind in prop::sample::select(vec![0x10u8, 0x30, 0x32, 0x34, 0x40, 0x62, 0x82, 0xa2, 0xc0, 0xe0]),
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut bytes = vec![kind];
+            let mut len = body.len();
+            loop {
+                let mut b = (len % 128) as u8;
+                len /= 128;
+                if len > 0 {
+                    b |= 0x80;
+                }
+                bytes.push(b);
+                if len == 0 {
+                    break;
+                }
+            }
+            bytes.extend_from_slice(&body);
+            run(&bytes, Version::V4);
+            run(&bytes, Version::V5);
+        }
+    }
+}

@@ -132,6 +132,22 @@ fn one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        /// Stands in for a cargo-fuzz target: any bytes decode or say why.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode(&bytes, &DeviceName::new("d"), 1, true);
+        }
+
+        /// JSON-shaped noise reaches the shape checks.
+        #[test]
+        fn json_shaped_noise_never_panics(s in r#"[\[\]{}:,"a-z0-9.\- ]{0,200}"#) {
+            let _ = decode(s.as_bytes(), &DeviceName::new("d"), 1, true);
+        }
+    }
 
     fn dec(s: &str) -> Result<Vec<Record>, PayloadError> {
         decode(s.as_bytes(), &DeviceName::new("d"), 42, true)
