@@ -746,8 +746,8 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod fuzz {
-    //! Property tests standing in for a cargo-fuzz target (no nightly
-    //! toolchain here): arbitrary bytes through the framing and the decoders
+    //! Property tests standing in for a cargo-fuzz target (not set up in
+    //! this workspace yet): arbitrary bytes through the framing and the decoders
     //! of both protocol versions never panic, and a frame the length check
     //! accepts is never longer than the limit.
     use super::*;
