@@ -417,14 +417,25 @@ fn revoked_tokens_are_refused_at_once() {
     assert_eq!(list[0]["revoked"], false);
 }
 
+/// A broker that is down again, with the observer's persistent subscription
+/// already registered: whatever the gateway publishes once the broker is back
+/// is queued for the observer, whichever of the two reconnects first.
+fn broker_down_with_observer(dir: &std::path::Path, pki: &Pki, id: &str) -> (Broker, Observer) {
+    let mut broker = Broker::new(dir, pki, free_port());
+    broker.start();
+    let obs = Observer::start(&broker, pki, id);
+    broker.stop();
+    (broker, obs)
+}
+
 #[test]
 fn outbox_bound_drop_oldest_keeps_the_newest_and_counts_drops() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::generate(tmp.path());
-    let broker_port = free_port();
+    let (mut broker, obs) = broker_down_with_observer(tmp.path(), &pki, "obs-drop");
     let spec = GatewaySpec {
         max_bytes: "4KiB".into(),
-        cloud: Some((broker_port, pki.ca.clone())),
+        cloud: Some((broker.port, pki.ca.clone())),
         ..GatewaySpec::default()
     };
     let gw_dir = tmp.path().join("gw");
@@ -447,9 +458,7 @@ fn outbox_bound_drop_oldest_keeps_the_newest_and_counts_drops() {
     assert_eq!(q["dropped"]["full"], dropped);
 
     // The broker comes up: exactly the newest `kept` readings arrive.
-    let mut broker = Broker::new(tmp.path(), &pki, broker_port);
     broker.start();
-    let obs = Observer::start(&broker, &pki, "obs-drop");
     wait_for(
         "the kept records at the broker",
         Duration::from_secs(60),
@@ -890,9 +899,9 @@ fn sluice_bench_loads_a_running_gateway_and_reports_what_it_measured() {
 fn backlog_then_live(drain: &str) -> Vec<(String, i64)> {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::generate(tmp.path());
-    let broker_port = free_port();
+    let (mut broker, obs) = broker_down_with_observer(tmp.path(), &pki, &format!("obs-{drain}"));
     let spec = GatewaySpec {
-        cloud: Some((broker_port, pki.ca.clone())),
+        cloud: Some((broker.port, pki.ca.clone())),
         cloud_extra: format!(
             "drain = \"{drain}\"\nbackfill_share = 0.25\nmax_bytes_per_sec = \"4KiB\"\n"
         ),
@@ -907,9 +916,7 @@ fn backlog_then_live(drain: &str) -> Vec<(String, i64)> {
             .iter()
             .all(|c| *c == 200)
     );
-    let mut broker = Broker::new(tmp.path(), &pki, broker_port);
     broker.start();
-    let obs = Observer::start(&broker, &pki, &format!("obs-{drain}"));
     wait_for("the uplink to connect", Duration::from_secs(20), || {
         gw.status()["uplink"]["connected"] == true
     });
