@@ -411,8 +411,7 @@ fn revoked_tokens_are_refused_at_once() {
     let out = gw.cli(&["devices", "rotate-token", "dev-1"]);
     let fresh = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_eq!(curl(&["-d", "{\"a\":1}", &gw.url(&fresh)]).0, 200);
-    let list: Json =
-        serde_json::from_slice(&gw.cli(&["devices", "list", "--json"]).stdout).unwrap();
+    let list: Json = gw.cli_json(&["devices", "list", "--json"]);
     assert_eq!(list[0]["name"], "dev-1");
     assert_eq!(list[0]["revoked"], false);
 }
@@ -453,7 +452,7 @@ fn outbox_bound_drop_oldest_keeps_the_newest_and_counts_drops() {
     assert!(dropped > 0 && kept > 0);
     assert_eq!(kept + dropped, 300, "{st}");
     assert_eq!(st["uplink"]["connected"], false);
-    let q: Json = serde_json::from_slice(&gw.cli(&["queue", "stats", "--json"]).stdout).unwrap();
+    let q = gw.cli_json(&["queue", "stats", "--json"]);
     assert_eq!(q["records"], kept);
     assert_eq!(q["dropped"]["full"], dropped);
 
@@ -517,7 +516,7 @@ fn outbox_bound_reject_answers_503_with_retry_after_and_keeps_what_it_has() {
         .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows as u64, ok);
-    let q: Json = serde_json::from_slice(&gw.cli(&["queue", "stats", "--json"]).stdout).unwrap();
+    let q = gw.cli_json(&["queue", "stats", "--json"]);
     assert_eq!(q["records"], ok);
 }
 
@@ -705,8 +704,7 @@ fn queue_peek_purge_and_check_work_with_the_daemon_running_or_stopped() {
             .all(|c| *c == 200)
     );
 
-    let peek: Json =
-        serde_json::from_slice(&gw.cli(&["queue", "peek", "-n", "2", "--json"]).stdout).unwrap();
+    let peek: Json = gw.cli_json(&["queue", "peek", "-n", "2", "--json"]);
     assert_eq!(peek.as_array().unwrap().len(), 2);
     assert_eq!(peek[0]["device"], "dev-1");
     assert_eq!(peek[0]["stream"], "telemetry");
@@ -760,7 +758,7 @@ fn queue_peek_purge_and_check_work_with_the_daemon_running_or_stopped() {
         "purged 3 records",
         "daemon stopped"
     );
-    let q: Json = serde_json::from_slice(&gw.cli(&["queue", "stats", "--json"]).stdout).unwrap();
+    let q = gw.cli_json(&["queue", "stats", "--json"]);
     assert_eq!(
         (q["records"].as_u64(), q["dropped"]["purged"].as_u64()),
         (Some(0), Some(8))
@@ -857,7 +855,7 @@ fn sluice_bench_loads_a_running_gateway_and_reports_what_it_measured() {
     let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
     gw.start();
     let url = format!("http://{}", gw.http.as_ref().unwrap());
-    let out = gw.cli(&[
+    let report = gw.cli_json(&[
         "bench",
         "--protocol",
         "http",
@@ -871,12 +869,6 @@ fn sluice_bench_loads_a_running_gateway_and_reports_what_it_measured() {
         &url,
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ok"], 2000, "{report}");
     assert!(report["msgs_per_s"].as_f64().unwrap() > 0.0, "{report}");
     assert!(
@@ -1230,7 +1222,7 @@ fn sluice_bench_over_mqtt_stores_every_acknowledged_message() {
     let mut gw = Gateway::new(tmp.path(), &mqtt_spec());
     gw.start();
     let url = format!("mqtt://{}", gw.mqtt.as_ref().unwrap());
-    let out = gw.cli(&[
+    let report = gw.cli_json(&[
         "bench",
         "--protocol",
         "mqtt",
@@ -1244,12 +1236,6 @@ fn sluice_bench_over_mqtt_stores_every_acknowledged_message() {
         &url,
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ok"], 2000, "{report}");
     assert_eq!(report["concurrency"], 5, "one connection per device");
     assert!(

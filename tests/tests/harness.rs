@@ -524,6 +524,17 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Runs a CLI command that must succeed and print JSON; returns it.
+    pub fn cli_json(&self, args: &[&str]) -> Json {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "sluice {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Registers a device through the CLI; returns its token.
     pub fn add_device(&self, name: &str) -> String {
         let out = self.cli(&["devices", "add", name, "--type", "sensor"]);
