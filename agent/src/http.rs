@@ -5,10 +5,15 @@
 //! without buffering the excess), decoded (400 with a JSON reason), appended to
 //! the outbox, and answered 200 only after the commit. A full outbox (`reject`
 //! policy) answers 503 with `Retry-After`.
+//!
+//! The decoder follows `Content-Type`: `application/senml+json` is SenML
+//! ([`senml`]); anything else, including none and what `curl -d` sends
+//! (`application/x-www-form-urlencoded`), is ThingsBoard JSON ([`tbjson`]),
+//! as ThingsBoard itself does (DESIGN.md, "Body formats").
 
 use crate::registry::Registry;
 use crate::stats::{IngestResult, IngestStats, Protocol};
-use crate::tbjson;
+use crate::{senml, tbjson};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -56,6 +61,29 @@ fn error(status: StatusCode, why: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// How a telemetry body is encoded, by its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFormat {
+    ThingsBoard,
+    SenMl,
+}
+
+impl BodyFormat {
+    fn of(headers: &HeaderMap) -> Self {
+        let media_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .unwrap_or("")
+            .trim();
+        if media_type.eq_ignore_ascii_case("application/senml+json") {
+            BodyFormat::SenMl
+        } else {
+            BodyFormat::ThingsBoard
+        }
+    }
+}
+
 async fn telemetry(
     State(ctx): State<Arc<HttpContext>>,
     Path(token): Path<String>,
@@ -83,23 +111,17 @@ async fn telemetry(
         tracing::debug!(%device, "body over the limit");
         return too_large();
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if content_type.starts_with("application/senml+json") {
-        count(IngestResult::BadPayload);
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "SenML is not supported by this build yet; send ThingsBoard JSON",
-        );
-    }
+    let format = BodyFormat::of(&headers);
     let Ok(bytes) = axum::body::to_bytes(body, ctx.max_body).await else {
         // Over the limit (chunked) or the client went away mid-body.
         return too_large();
     };
     let now = ctx.clock.now();
-    let records = match tbjson::decode(&bytes, &device, now.wall_ms, now.trusted) {
+    let decoded = match format {
+        BodyFormat::ThingsBoard => tbjson::decode(&bytes, &device, now.wall_ms, now.trusted),
+        BodyFormat::SenMl => senml::decode(&bytes, &device, now.wall_ms, now.trusted),
+    };
+    let records = match decoded {
         Ok(r) => r,
         Err(e) => {
             count(IngestResult::BadPayload);
@@ -108,7 +130,7 @@ async fn telemetry(
         }
     };
     if records.is_empty() {
-        // `{}`: the ThingsBoard SDK's connection test; nothing to store.
+        // `{}` (the ThingsBoard SDK's connection test) or `[]`: nothing to store.
         count(IngestResult::Ok);
         return StatusCode::OK.into_response();
     }
@@ -137,6 +159,39 @@ async fn telemetry(
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
             r
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn format_of(content_type: Option<&str>) -> BodyFormat {
+        let mut headers = HeaderMap::new();
+        if let Some(ct) = content_type {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+        }
+        BodyFormat::of(&headers)
+    }
+
+    #[test]
+    fn content_type_picks_senml_or_else_thingsboard_json() {
+        for ct in [
+            "application/senml+json",
+            "Application/SenML+JSON",
+            "application/senml+json; charset=utf-8",
+        ] {
+            assert_eq!(format_of(Some(ct)), BodyFormat::SenMl, "{ct}");
+        }
+        for ct in [
+            None,
+            Some("application/json"),
+            Some("application/x-www-form-urlencoded"),
+            Some("text/plain"),
+            Some("application/senml+jsonx"),
+        ] {
+            assert_eq!(format_of(ct), BodyFormat::ThingsBoard, "{ct:?}");
         }
     }
 }

@@ -15,6 +15,8 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
+pub mod senml;
 pub mod stats;
 pub mod tbjson;
+pub mod throttle;
 pub mod tls;
