@@ -2,7 +2,7 @@
 //!
 //! # Design
 //!
-//! **Schema** (PRAGMA user_version = 2, `auto_vacuum = INCREMENTAL` from creation):
+//! **Schema** (PRAGMA user_version = 3, `auto_vacuum = INCREMENTAL` from creation):
 //! - `records(seq INTEGER PRIMARY KEY, stream, accepted_ms, life_ms, boot, mono_ms,
 //!   untrusted, len, body, dev)`: one row per record; `dev` is the device's
 //!   key ([`device_key`]). `body` is [`Record::encode`] (a
@@ -24,6 +24,11 @@
 //!   clock. All are updated in the same transaction as the rows they describe
 //!   (per-device counts summed over the transaction, one upsert per device), so
 //!   start-up reads totals instead of scanning the table.
+//! - `rule_state(key BLOB PRIMARY KEY, value BLOB)` (schema 3): opaque state
+//!   of the telemetry rules (open aggregation windows, deadband/throttle
+//!   memory), written in the same transaction as the append whose readings
+//!   changed it ([`Outbox::submit_with_state`]), so a reading acknowledged to
+//!   a device has its contribution on disk even when it produced no record.
 //! - Schema 1 (the walking skeleton's) is migrated forward in one transaction
 //!   (columns added with constant defaults: no table rewrite); its rows land in
 //!   the `telemetry` stream.
@@ -97,7 +102,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// The schema version this binary writes.
-pub const OUTBOX_SCHEMA_VERSION: i64 = 2;
+pub const OUTBOX_SCHEMA_VERSION: i64 = 3;
+
+/// A change to the rules' persisted state: key, and the new value (`None`
+/// deletes the key).
+pub type StateChange = (Vec<u8>, Option<Vec<u8>>);
+
+/// A stored entry of the rules' state: key and value.
+pub type StoredState = (Vec<u8>, Vec<u8>);
 /// Bytes accounted per row on top of its body (key, columns, b-tree cell).
 pub const ROW_OVERHEAD: u64 = 40;
 /// Seqs reserved per fsync of the high-water mark.
@@ -112,6 +124,9 @@ const MAX_COMMANDS_PER_COMMIT: usize = 4096;
 const MAX_EXPIRED_PER_COMMIT: usize = 10_000;
 /// Capacity of the command channel to the writer.
 const COMMAND_CHANNEL: usize = 1024;
+/// Most bytes an append reserves up front for its bodies (from the first
+/// body's size); more grow as needed.
+const BODIES_RESERVE_MAX: usize = 1 << 20;
 
 /// What to do with an append that does not fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,18 +282,104 @@ pub enum AppendError {
 /// An append handed to the writer: resolves with its receipt once the
 /// commit is durable (cancel-safe: poll it by `&mut`).
 #[derive(Debug)]
-pub struct PendingAppend(oneshot::Receiver<Result<AppendReceipt, AppendError>>);
+pub struct PendingAppend {
+    rx: oneshot::Receiver<Result<AppendReceipt, AppendError>>,
+    /// Appends submitted before this one that it stands for too
+    /// ([`PendingAppend::after`]); their answers, once in.
+    earlier: Vec<Earlier>,
+}
+
+type AppendResult = Result<AppendReceipt, AppendError>;
+
+#[derive(Debug)]
+enum Earlier {
+    Waiting(oneshot::Receiver<AppendResult>),
+    Done(AppendResult),
+}
 
 impl std::future::Future for PendingAppend {
-    type Output = Result<AppendReceipt, AppendError>;
+    type Output = AppendResult;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(AppendError::Closed)))
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut waiting = false;
+        for e in &mut this.earlier {
+            if let Earlier::Waiting(rx) = e {
+                match std::pin::Pin::new(rx).poll(cx) {
+                    Poll::Ready(r) => *e = Earlier::Done(r.unwrap_or(Err(AppendError::Closed))),
+                    Poll::Pending => waiting = true,
+                }
+            }
+        }
+        let last = match std::pin::Pin::new(&mut this.rx).poll(cx) {
+            Poll::Ready(r) => r.unwrap_or(Err(AppendError::Closed)),
+            Poll::Pending => return Poll::Pending,
+        };
+        if waiting {
+            return Poll::Pending;
+        }
+        Poll::Ready(this.settle(last))
+    }
+}
+
+impl PendingAppend {
+    fn new(rx: oneshot::Receiver<AppendResult>) -> Self {
+        Self {
+            rx,
+            earlier: Vec::new(),
+        }
+    }
+
+    /// One pending append standing for `earlier` ones (submitted before it)
+    /// as well: it resolves once all are answered, with the first failure
+    /// among them, else this one's receipt.
+    #[must_use]
+    pub fn after(mut self, earlier: Vec<PendingAppend>) -> Self {
+        for e in earlier {
+            self.earlier.extend(e.earlier);
+            self.earlier.push(Earlier::Waiting(e.rx));
+        }
+        self
+    }
+
+    fn settle(&mut self, last: AppendResult) -> AppendResult {
+        for e in &mut self.earlier {
+            if matches!(e, Earlier::Done(Err(_)))
+                && let Earlier::Done(Err(err)) =
+                    std::mem::replace(e, Earlier::Done(Err(AppendError::Closed)))
+            {
+                return Err(err);
+            }
+        }
+        last
+    }
+
+    /// The append's result if the writer has already answered, without
+    /// waiting: lets a caller settle every commit that is done before it
+    /// writes its acknowledgements. After `Some`, the append is spent
+    /// (polling it again yields [`AppendError::Closed`]).
+    pub fn try_result(&mut self) -> Option<AppendResult> {
+        for e in &mut self.earlier {
+            if let Earlier::Waiting(rx) = e {
+                match rx.try_recv() {
+                    Ok(r) => *e = Earlier::Done(r),
+                    Err(oneshot::error::TryRecvError::Empty) => return None,
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        *e = Earlier::Done(Err(AppendError::Closed));
+                    }
+                }
+            }
+        }
+        let last = match self.rx.try_recv() {
+            Ok(r) => r,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => Err(AppendError::Closed),
+        };
+        Some(self.settle(last))
     }
 }
 
@@ -464,7 +565,8 @@ struct Inner {
 enum Command {
     Append {
         stream: String,
-        bodies: Vec<(Vec<u8>, bool, i64)>,
+        bodies: Bodies,
+        state: Vec<StateChange>,
         reply: oneshot::Sender<Result<AppendReceipt, AppendError>>,
     },
     Ack(Vec<Seq>),
@@ -478,6 +580,49 @@ enum Command {
     },
     SetAside(String),
     Shutdown,
+}
+
+/// The encoded records of one append: their bodies back to back in one
+/// buffer (one allocation per append, not one per record, on either side of
+/// the channel) and, per record, where its body ends, whether its `ts` is
+/// untrusted, and its device key.
+struct Bodies {
+    bytes: Vec<u8>,
+    rows: Vec<(usize, bool, i64)>,
+}
+
+impl Bodies {
+    fn encode(records: &[Record]) -> Result<Self, postcard::Error> {
+        let mut bytes = Vec::new();
+        let mut rows = Vec::with_capacity(records.len());
+        for r in records {
+            r.encode_into(&mut bytes)?;
+            if rows.is_empty() {
+                // Records of one append are mostly alike in size; a large
+                // first one must not reserve many times its size, though.
+                let rest = bytes.len().saturating_mul(records.len().saturating_sub(1));
+                bytes.reserve(rest.min(BODIES_RESERVE_MAX));
+            }
+            rows.push((bytes.len(), !r.ts_trusted, device_key(&r.device)));
+        }
+        Ok(Self { bytes, rows })
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Per record: its body's range in `bytes`, untrusted flag, device key.
+    fn ranges(&self) -> impl Iterator<Item = (std::ops::Range<usize>, bool, i64)> + '_ {
+        let starts = std::iter::once(0).chain(self.rows.iter().map(|r| r.0));
+        starts
+            .zip(&self.rows)
+            .map(|(start, &(end, untrusted, dev))| (start..end, untrusted, dev))
+    }
 }
 
 fn unix_ms() -> i64 {
@@ -752,28 +897,36 @@ impl Outbox {
         stream: &str,
         records: &[Record],
     ) -> Result<PendingAppend, AppendError> {
+        self.submit_with_state(stream, records, Vec::new()).await
+    }
+
+    /// [`Outbox::submit_to`] that also writes `state` changes to the
+    /// `rule_state` table in the same transaction — only if the records are
+    /// accepted (a refused append changes no state). `records` may be empty.
+    ///
+    /// Fails as [`Outbox::append_to`] does.
+    pub async fn submit_with_state(
+        &self,
+        stream: &str,
+        records: &[Record],
+        state: Vec<StateChange>,
+    ) -> Result<PendingAppend, AppendError> {
         if self.inner.stream_id(stream).is_none() {
             return Err(AppendError::UnknownStream(stream.to_owned()));
         }
-        let bodies = records
-            .iter()
-            .map(|r| {
-                r.encode()
-                    .map(|b| (b, !r.ts_trusted, device_key(&r.device)))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(AppendError::Encode)?;
+        let bodies = Bodies::encode(records).map_err(AppendError::Encode)?;
         let (reply, rx) = oneshot::channel();
         self.inner
             .cmd_tx
             .send(Command::Append {
                 stream: stream.to_owned(),
                 bodies,
+                state,
                 reply,
             })
             .await
             .map_err(|_| AppendError::Closed)?;
-        Ok(PendingAppend(rx))
+        Ok(PendingAppend::new(rx))
     }
 
     /// Deletes records the cloud acknowledged. Seqs no longer stored are ignored.
@@ -1230,6 +1383,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OutboxError> {
         if found == 1 {
             tracing::info!(path = %path.display(), "outbox migrated from schema 1 to 2");
         }
+    }
+    if found < 3 {
+        tx.execute_batch(
+            "CREATE TABLE rule_state (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+        )
+        .map_err(sql)?;
     }
     tx.pragma_update(None, "user_version", OUTBOX_SCHEMA_VERSION)
         .map_err(sql)?;
@@ -1743,7 +1902,7 @@ impl Writer {
             let tx = self
                 .conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let mut rows: Vec<Row> = Vec::new();
+            let mut rows = Rows::default();
             for cmd in batch {
                 if !matches!(cmd, Command::Append { .. }) {
                     // Deletes and purges see every row appended before them.
@@ -1753,6 +1912,7 @@ impl Writer {
                     Command::Append {
                         stream,
                         bodies,
+                        state,
                         reply,
                     } => {
                         if let Some(e) = reserve_error {
@@ -1772,6 +1932,9 @@ impl Writer {
                             bodies,
                             &mut rows,
                         )?;
+                        if res.is_ok() {
+                            write_state(&tx, &state)?;
+                        }
                         replies.push(Reply::Append(reply, res));
                     }
                     Command::Ack(seqs) => {
@@ -2042,6 +2205,50 @@ fn write_totals(conn: &Connection, totals: &mut Totals, now: Now) -> rusqlite::R
 }
 
 // The writer's fields are passed one by one so their borrows stay disjoint.
+fn write_state(tx: &rusqlite::Transaction<'_>, state: &[StateChange]) -> rusqlite::Result<()> {
+    if state.is_empty() {
+        return Ok(());
+    }
+    let mut put =
+        tx.prepare_cached("INSERT OR REPLACE INTO rule_state (key, value) VALUES (?1, ?2)")?;
+    let mut del = tx.prepare_cached("DELETE FROM rule_state WHERE key = ?1")?;
+    for (k, v) in state {
+        match v {
+            Some(v) => put.execute(rusqlite::params![k, v])?,
+            None => del.execute([k])?,
+        };
+    }
+    Ok(())
+}
+
+/// The rules' persisted state (for restoring the engine at start-up).
+///
+/// Fails when the file cannot be read.
+pub fn read_rule_state(path: &Path) -> Result<Vec<StoredState>, OutboxError> {
+    let sql = |source| OutboxError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql)?;
+    let exists: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'rule_state')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn
+        .prepare("SELECT key, value FROM rule_state ORDER BY key")
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql)?;
+    rows.collect::<Result<_, _>>().map_err(sql)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn append(
     tx: &rusqlite::Transaction<'_>,
@@ -2050,8 +2257,8 @@ fn append(
     next_seq: &mut u64,
     now: Now,
     stream: &str,
-    bodies: Vec<(Vec<u8>, bool, i64)>,
-    rows: &mut Vec<Row>,
+    bodies: Bodies,
+    rows: &mut Rows,
 ) -> rusqlite::Result<Result<AppendReceipt, AppendError>> {
     let Some(si) = totals.streams.iter().position(|s| s.name == stream) else {
         return Ok(Err(AppendError::UnknownStream(stream.to_owned())));
@@ -2061,10 +2268,7 @@ fn append(
         let last = Seq(next_seq.saturating_sub(1));
         return Ok(Ok(AppendReceipt { first: last, last }));
     }
-    let size: u64 = bodies
-        .iter()
-        .map(|(b, _, _)| b.len() as u64 + ROW_OVERHEAD)
-        .sum();
+    let size: u64 = bodies.bytes.len() as u64 + bodies.len() as u64 * ROW_OVERHEAD;
     let n = bodies.len() as u64;
     let cap = totals.streams[si].max_bytes.min(config.max_bytes);
     let refuse = |totals: &mut Totals| {
@@ -2109,9 +2313,11 @@ fn append(
     }
     let first = *next_seq;
     let s = &mut totals.streams[si];
-    for (body, untrusted, dev) in bodies {
+    let buf = rows.bufs.len();
+    rows.rows.reserve(bodies.len());
+    for (body, untrusted, dev) in bodies.ranges() {
         let len = body.len() as u64 + ROW_OVERHEAD;
-        rows.push(Row {
+        rows.rows.push(Row {
             ints: [
                 to_i64(*next_seq),
                 stream,
@@ -2123,6 +2329,7 @@ fn append(
                 to_i64(len),
                 dev,
             ],
+            buf,
             body,
         });
         *next_seq += 1;
@@ -2130,6 +2337,7 @@ fn append(
         s.bytes += len;
         *s.dev_delta.entry(dev).or_default() += 1;
     }
+    rows.bufs.push(bodies.bytes);
     Ok(Ok(AppendReceipt {
         first: Seq(first),
         last: Seq(*next_seq - 1),
@@ -2138,40 +2346,68 @@ fn append(
 
 /// A record row waiting to be inserted: appends of one transaction are
 /// buffered and written together, in seq order, in multi-row INSERTs (per-
-/// statement overhead was about a quarter of the writer's time, and the
-/// typical append carries one record).
+/// statement overhead was about a quarter of the writer's time, and many
+/// appends carry one record: an HTTP request, a CoAP message).
 struct Row {
     /// seq, stream, accepted_ms, life_ms, boot, mono_ms, untrusted, len, dev.
     ints: [i64; 9],
-    body: Vec<u8>,
+    /// Which of [`Rows::bufs`] holds the body, and where.
+    buf: usize,
+    body: std::ops::Range<usize>,
 }
 
-fn row_params(r: &Row) -> [&dyn rusqlite::ToSql; 10] {
+/// The rows buffered in a transaction and the appends' buffers that hold
+/// their bodies.
+#[derive(Default)]
+struct Rows {
+    rows: Vec<Row>,
+    bufs: Vec<Vec<u8>>,
+}
+
+/// Binds row `r` (body `body`) to parameters `first..first + 10` of `stmt`.
+fn bind_row(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    first: usize,
+    r: &Row,
+    body: &[u8],
+) -> rusqlite::Result<()> {
     let i = &r.ints;
-    [
-        &i[0], &i[1], &i[2], &i[3], &i[4], &i[5], &i[6], &i[7], &r.body, &i[8],
-    ]
+    for (k, v) in i[..8].iter().enumerate() {
+        stmt.raw_bind_parameter(first + k, v)?;
+    }
+    stmt.raw_bind_parameter(first + 8, body)?;
+    stmt.raw_bind_parameter(first + 9, i[8])
 }
 
 /// Inserts the buffered rows (in chunks of [`ROWS_PER_INSERT`], the rest one
 /// by one) and empties the buffer.
-fn flush_rows(tx: &rusqlite::Transaction<'_>, rows: &mut Vec<Row>) -> rusqlite::Result<()> {
-    if rows.is_empty() {
+fn flush_rows(tx: &rusqlite::Transaction<'_>, rows: &mut Rows) -> rusqlite::Result<()> {
+    if rows.rows.is_empty() {
         return Ok(());
     }
     let mut chunk_stmt = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
     let mut row_stmt = tx.prepare_cached(&insert_sql(1))?;
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        if chunk.len() == ROWS_PER_INSERT {
-            let all: Vec<&dyn rusqlite::ToSql> = chunk.iter().flat_map(row_params).collect();
-            chunk_stmt.execute(rusqlite::params_from_iter(all))?;
+    let body = |r: &Row| rows.bufs.get(r.buf).and_then(|b| b.get(r.body.clone()));
+    for chunk in rows.rows.chunks(ROWS_PER_INSERT) {
+        let stmt = if chunk.len() == ROWS_PER_INSERT {
+            &mut chunk_stmt
         } else {
-            for r in chunk {
-                row_stmt.execute(&row_params(r)[..])?;
+            &mut row_stmt
+        };
+        let mut bound = 0;
+        for r in chunk {
+            // Every row's range was cut from its own buffer by `append`.
+            let b = body(r).unwrap_or_default();
+            bind_row(stmt, bound * 10 + 1, r, b)?;
+            bound += 1;
+            if stmt.parameter_count() == bound * 10 {
+                stmt.raw_execute()?;
+                bound = 0;
             }
         }
     }
-    rows.clear();
+    rows.rows.clear();
+    rows.bufs.clear();
     Ok(())
 }
 

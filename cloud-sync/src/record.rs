@@ -91,7 +91,20 @@ impl Record {
     ///
     /// Fails only if postcard rejects a value (not expected for this type).
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
-        postcard::to_extend(self, vec![BODY_VERSION])
+        let mut out = Vec::new();
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`Record::encode`] appended to `out`, so that many records can share
+    /// one buffer. On failure `out` is left empty.
+    ///
+    /// Fails as [`Record::encode`] does.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+        let mut buf = std::mem::take(out);
+        buf.push(BODY_VERSION);
+        *out = postcard::to_extend(self, buf)?;
+        Ok(())
     }
 
     /// Decodes a stored body.

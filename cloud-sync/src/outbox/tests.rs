@@ -990,3 +990,148 @@ fn a_large_append_is_stored_whole_and_in_order_across_insert_chunks() {
         o.close().await;
     });
 }
+
+#[test]
+fn appends_sharing_one_buffer_keep_each_bodys_bytes_size_and_flags() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let o = d.open(config(1 << 30, WhenFull::DropOldest));
+        // Bodies of different sizes and trust, in appends submitted back to
+        // back (so several share one commit), crossing the INSERT chunks.
+        let batch = |b: i64| -> Vec<Record> {
+            (0..ROWS_PER_INSERT as i64 + 5)
+                .map(|i| Record {
+                    device: DeviceName::new(format!("d{}", i % 3)),
+                    ts_ms: b * 1000 + i,
+                    ts_trusted: i % 4 != 0,
+                    values: vec![("pad".into(), Value::Str("x".repeat((i * 7 % 90) as usize)))],
+                })
+                .collect()
+        };
+        let batches: Vec<Vec<Record>> = (0..4).map(batch).collect();
+        let mut pending = Vec::new();
+        for b in &batches {
+            pending.push(o.submit(b).await.unwrap());
+        }
+        for p in pending {
+            p.await.unwrap();
+        }
+        let want: Vec<Record> = batches.concat();
+        let got = all(&o).await;
+        assert_eq!(
+            got.iter().map(|l| l.record.clone()).collect::<Vec<_>>(),
+            want
+        );
+        for (l, r) in got.iter().zip(&want) {
+            assert_eq!(l.len, r.encode().unwrap().len() as u64 + ROW_OVERHEAD);
+        }
+        o.close().await;
+        let conn = Connection::open(d.dir.path().join("outbox.db")).unwrap();
+        let untrusted: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM records WHERE untrusted = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            untrusted,
+            want.iter().filter(|r| !r.ts_trusted).count() as i64
+        );
+    });
+}
+
+#[test]
+fn try_result_is_none_until_the_writer_answers_then_spent() {
+    let receipt = AppendReceipt {
+        first: Seq(3),
+        last: Seq(5),
+    };
+    let (tx, rx) = oneshot::channel();
+    let mut p = PendingAppend::new(rx);
+    assert!(p.try_result().is_none());
+    tx.send(Ok(receipt)).unwrap();
+    assert!(matches!(p.try_result(), Some(Ok(r)) if r == receipt));
+    assert!(matches!(p.try_result(), Some(Err(AppendError::Closed))));
+
+    let (tx, rx) = oneshot::channel::<Result<AppendReceipt, AppendError>>();
+    let mut p = PendingAppend::new(rx);
+    drop(tx);
+    assert!(matches!(p.try_result(), Some(Err(AppendError::Closed))));
+}
+
+#[test]
+fn rule_state_commits_with_accepted_appends_only() {
+    let d = Dir::new();
+    let path = d.dir.path().join("outbox.db");
+    rt().block_on(async {
+        let o = d.open(config(8 * 1024, WhenFull::Reject));
+        // State with no records at all (a reading folded into a window).
+        o.submit_with_state(
+            "telemetry",
+            &[],
+            vec![(b"w1".to_vec(), Some(b"open".to_vec()))],
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        o.submit_with_state(
+            "telemetry",
+            &[rec("d", 1)],
+            vec![
+                (b"w1".to_vec(), None),
+                (b"w2".to_vec(), Some(b"x".to_vec())),
+            ],
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        // A refused append (over the cap under `reject`) changes no state.
+        let big: Vec<Record> = (0..200).map(|i| rec("d", i)).collect();
+        let refused = o
+            .submit_with_state(
+                "telemetry",
+                &big,
+                vec![(b"w3".to_vec(), Some(b"y".to_vec()))],
+            )
+            .await
+            .unwrap()
+            .await;
+        assert!(matches!(refused, Err(AppendError::Full)), "{refused:?}");
+        o.close().await;
+    });
+    assert_eq!(
+        read_rule_state(&path).unwrap(),
+        vec![(b"w2".to_vec(), b"x".to_vec())]
+    );
+}
+
+#[test]
+fn a_joined_append_waits_for_all_and_reports_the_first_failure() {
+    rt().block_on(async {
+        let (t1, r1) = oneshot::channel();
+        let (t2, r2) = oneshot::channel();
+        let (t3, r3) = oneshot::channel();
+        let mut p =
+            PendingAppend::new(r3).after(vec![PendingAppend::new(r1), PendingAppend::new(r2)]);
+        let ok = |n| {
+            Ok(AppendReceipt {
+                first: Seq(n),
+                last: Seq(n),
+            })
+        };
+        t3.send(ok(3)).unwrap();
+        assert!(p.try_result().is_none(), "earlier appends not answered yet");
+        t1.send(ok(1)).unwrap();
+        t2.send(Err(AppendError::Full)).unwrap();
+        assert!(matches!(p.await, Err(AppendError::Full)));
+        let (t4, r4) = oneshot::channel();
+        let (t5, r5) = oneshot::channel();
+        let p = PendingAppend::new(r5).after(vec![PendingAppend::new(r4)]);
+        t4.send(ok(4)).unwrap();
+        t5.send(ok(5)).unwrap();
+        assert_eq!(p.await.unwrap().last, Seq(5));
+    });
+}
