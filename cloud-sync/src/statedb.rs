@@ -11,6 +11,14 @@
 //!   registry (tokens only as SHA-256 hashes), written by the agent's registry.
 //! - v2 adds `devices.cert_sha256` (nullable, unique when set): the SHA-256
 //!   of the DER client certificate a device may authenticate with on mTLS.
+//! - v3 adds `attributes(device, scope, key, value, updated_ms)`: the latest
+//!   client attributes a device reported (`scope = 'client'`) and the shared
+//!   attributes set for it by the cloud or a firmware campaign
+//!   (`scope = 'shared'`), values as JSON text; and
+//!   `firmware_images(title, version, size, sha256, file, staged_ms)`: the
+//!   images staged in `state_dir/firmware/ready/`; and
+//!   `devices.bridge_for` (nullable): a glob of device names this device may
+//!   publish for on mapped legacy MQTT topics.
 //!
 //! Durability: `synchronous = FULL` in WAL mode; every write here is rare.
 //! Migrations run forward inside one transaction at open; a file whose
@@ -21,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary writes.
-pub const STATE_SCHEMA_VERSION: i64 = 2;
+pub const STATE_SCHEMA_VERSION: i64 = 3;
 
 /// Why state.db could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +149,30 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateDbError> {
         )
         .map_err(sql)?;
     }
+    if found < 3 {
+        tx.execute_batch(
+            "CREATE TABLE attributes (
+                 device TEXT NOT NULL,
+                 scope TEXT NOT NULL CHECK (scope IN ('client', 'shared')),
+                 key TEXT NOT NULL,
+                 value TEXT NOT NULL,
+                 updated_ms INTEGER NOT NULL,
+                 PRIMARY KEY (device, scope, key)
+             ) WITHOUT ROWID;
+             CREATE TABLE firmware_images (
+                 title TEXT NOT NULL,
+                 version TEXT NOT NULL,
+                 size INTEGER NOT NULL,
+                 sha256 TEXT NOT NULL,
+                 file TEXT NOT NULL,
+                 staged_ms INTEGER NOT NULL,
+                 PRIMARY KEY (title, version)
+             );
+             ALTER TABLE devices ADD COLUMN bridge_for TEXT;
+             PRAGMA user_version = 3;",
+        )
+        .map_err(sql)?;
+    }
     tx.commit().map_err(sql)
 }
 
@@ -207,7 +239,7 @@ mod tests {
     }
 
     #[test]
-    fn a_v1_file_is_migrated_to_v2_keeping_its_devices() {
+    fn a_v1_file_is_migrated_to_the_current_schema_keeping_its_devices() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state.db");
         {
@@ -257,6 +289,19 @@ mod tests {
             )
             .is_err(),
             "a fingerprint belongs to one device"
+        );
+        c.execute(
+            "INSERT INTO attributes (device, scope, key, value, updated_ms) VALUES ('d1', 'shared', 'k', '1', 0)",
+            [],
+        )
+        .unwrap();
+        assert!(
+            c.execute(
+                "INSERT INTO attributes (device, scope, key, value, updated_ms) VALUES ('d1', 'other', 'k', '1', 0)",
+                []
+            )
+            .is_err(),
+            "scope is client or shared"
         );
         drop(c);
         // Opening again is a no-op.
