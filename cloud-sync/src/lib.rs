@@ -29,6 +29,7 @@
 //! ```
 
 pub mod clock;
+pub mod downlink;
 pub mod drain;
 pub mod histogram;
 pub mod outbox;

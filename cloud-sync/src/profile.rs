@@ -1,6 +1,11 @@
 //! Upstream encodings. Only the `generic` profile exists so far; the
 //! `thingsboard` gateway profile is issue 7's work and is refused by config
 //! validation until then.
+//!
+//! Generic topics built so far: `P/telemetry`, `P/attributes` (the
+//! `attributes` stream: client attributes devices report), `P/status`, and
+//! the command and shared-attribute downlink (`P/commands` →
+//! `P/commands/response`, `P/attributes/shared`; see [`crate::downlink`]).
 
 use crate::outbox::Leased;
 use crate::record::Value;
@@ -14,6 +19,14 @@ pub struct GenericTopics {
     pub telemetry: String,
     /// `P/status` (retained; also the will).
     pub status: String,
+    /// `P/attributes` (client attributes, up).
+    pub attributes: String,
+    /// `P/attributes/shared` (shared attribute updates, down).
+    pub attributes_shared: String,
+    /// `P/commands` (down).
+    pub commands: String,
+    /// `P/commands/response` (up).
+    pub commands_response: String,
 }
 
 impl GenericTopics {
@@ -23,6 +36,10 @@ impl GenericTopics {
         Self {
             telemetry: format!("{p}/telemetry"),
             status: format!("{p}/status"),
+            attributes: format!("{p}/attributes"),
+            attributes_shared: format!("{p}/attributes/shared"),
+            commands: format!("{p}/commands"),
+            commands_response: format!("{p}/commands/response"),
         }
     }
 }
@@ -68,7 +85,8 @@ pub fn value_json(v: &Value) -> serde_json::Value {
 struct WireRecord<'a> {
     seq: u64,
     device: &'a str,
-    ts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ts: Option<i64>,
     #[serde(skip_serializing_if = "is_true")]
     ts_trusted: bool,
     values: Values<'a>,
@@ -91,6 +109,33 @@ pub fn telemetry_payload(
     leased: &[Leased],
     max_bytes: usize,
 ) -> Result<(Vec<u8>, usize), serde_json::Error> {
+    records(gateway, epoch, leased, max_bytes, true)
+}
+
+/// The `P/attributes` payload for the longest prefix of `leased` within
+/// `max_bytes` (at least one record):
+/// `{"v":1,"gateway":ID,"epoch":E,"records":[{"seq","device","values"},…]}`
+/// (client attributes carry no timestamp).
+///
+/// Fails only if serde_json fails to write.
+pub fn attributes_payload(
+    gateway: &str,
+    epoch: &str,
+    leased: &[Leased],
+    max_bytes: usize,
+) -> Result<(Vec<u8>, usize), serde_json::Error> {
+    records(gateway, epoch, leased, max_bytes, false)
+}
+
+/// `{"v":1,"gateway":…,"epoch":…,"records":[…]}` with (`with_ts`) or
+/// without each record's `ts`.
+fn records(
+    gateway: &str,
+    epoch: &str,
+    leased: &[Leased],
+    max_bytes: usize,
+    with_ts: bool,
+) -> Result<(Vec<u8>, usize), serde_json::Error> {
     let mut out = br#"{"v":1,"gateway":"#.to_vec();
     serde_json::to_writer(&mut out, gateway)?;
     out.extend_from_slice(br#","epoch":"#);
@@ -105,8 +150,8 @@ pub fn telemetry_payload(
             &WireRecord {
                 seq: l.seq.0,
                 device: l.record.device.as_str(),
-                ts: l.record.ts_ms,
-                ts_trusted: l.record.ts_trusted,
+                ts: with_ts.then_some(l.record.ts_ms),
+                ts_trusted: l.record.ts_trusted || !with_ts,
                 values: Values(&l.record.values),
             },
         )?;
@@ -201,6 +246,20 @@ mod tests {
             v,
             serde_json::json!({"v":1,"gateway":"gw","epoch":"e1","records":[
                 {"seq":7,"device":"d1","ts":1000,"values":{"t":21.5,"on":true,"cfg":{"a":1}}}]})
+        );
+    }
+
+    #[test]
+    fn attributes_payload_has_no_timestamps() {
+        let all = leased(2);
+        let (payload, n) = attributes_payload("gw", "e1", &all, 1 << 16).unwrap();
+        assert_eq!(n, 2);
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"v":1,"gateway":"gw","epoch":"e1","records":[
+                {"seq":1,"device":"dev","values":{"x":1}},
+                {"seq":2,"device":"dev","values":{"x":2}}]})
         );
     }
 

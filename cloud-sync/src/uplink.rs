@@ -13,7 +13,16 @@
 //!
 //! What is sent next is decided by [`DrainSchedule`]: streams in weighted
 //! round robin by priority, each in seq order, within `cloud.max_bytes_per_sec`.
+//! The `attributes` stream goes to `P/attributes`, every other to
+//! `P/telemetry`.
+//!
+//! Downlink: with [`Uplink::with_downlink`] every connection subscribes
+//! (QoS 1) to `P/commands` and `P/attributes/shared`, hands what arrives to
+//! the agent's router as [`CloudRequest`]s, and publishes the router's
+//! command responses on `P/commands/response` (QoS 1, not stored: see
+//! [`crate::downlink`]).
 
+use crate::downlink::{self, CloudRequest};
 use crate::drain::{DrainMode, DrainSchedule};
 use crate::outbox::{Leased, Outbox};
 use crate::profile::{self, GenericTopics};
@@ -107,6 +116,10 @@ pub struct UplinkStatus {
     last_ack_ms: AtomicI64,
     records_acked: AtomicU64,
     last_error: Mutex<Option<String>>,
+    downlink_received: AtomicU64,
+    downlink_refused: AtomicU64,
+    responses_sent: AtomicU64,
+    responses_dropped: AtomicU64,
 }
 
 impl UplinkStatus {
@@ -128,6 +141,26 @@ impl UplinkStatus {
     /// The last connection error, if the link is down.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+    /// Downlink messages (commands, shared attributes) taken from the cloud.
+    pub fn downlink_received(&self) -> u64 {
+        self.downlink_received.load(Ordering::Relaxed)
+    }
+    /// Downlink messages refused (bad shape, or the router was busy).
+    pub fn downlink_refused(&self) -> u64 {
+        self.downlink_refused.load(Ordering::Relaxed)
+    }
+    /// Command responses published.
+    pub fn responses_sent(&self) -> u64 {
+        self.responses_sent.load(Ordering::Relaxed)
+    }
+    /// Command responses that could not be published.
+    pub fn responses_dropped(&self) -> u64 {
+        self.responses_dropped.load(Ordering::Relaxed)
+    }
+    /// Counts a response that never reached the uplink (its queue was full).
+    pub fn count_response_dropped(&self) {
+        self.responses_dropped.fetch_add(1, Ordering::Relaxed);
     }
     fn set_error(&self, e: Option<String>) {
         if let Ok(mut g) = self.last_error.lock() {
@@ -182,7 +215,14 @@ pub fn tls_client_config(tls: &UplinkTls) -> Result<rustls::ClientConfig, Uplink
 
 enum Sent {
     Status,
+    Response,
     Batch(Vec<Seq>),
+}
+
+/// The uplink's ends of the downlink channels.
+struct Downlink {
+    requests: tokio::sync::mpsc::Sender<CloudRequest>,
+    responses: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Vec<u8>>>,
 }
 
 enum Ended {
@@ -197,6 +237,7 @@ pub struct Uplink {
     topics: GenericTopics,
     outbox: Outbox,
     status: Arc<UplinkStatus>,
+    downlink: Option<Downlink>,
 }
 
 fn now_ms() -> i64 {
@@ -236,7 +277,52 @@ impl Uplink {
             topics,
             outbox,
             status,
+            downlink: None,
         })
+    }
+
+    /// Turns the downlink on: requests from the cloud go to `requests`
+    /// (dropped and counted when it is full), and payloads received on
+    /// `responses` are published on `P/commands/response`.
+    #[must_use]
+    pub fn with_downlink(
+        mut self,
+        requests: tokio::sync::mpsc::Sender<CloudRequest>,
+        responses: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Self {
+        self.downlink = Some(Downlink {
+            requests,
+            responses: tokio::sync::Mutex::new(responses),
+        });
+        self
+    }
+
+    /// Takes one message the broker delivered.
+    fn on_downlink(&self, topic: &str, payload: &[u8]) {
+        let Some(d) = &self.downlink else {
+            return;
+        };
+        match downlink::parse(
+            &self.topics.commands,
+            &self.topics.attributes_shared,
+            topic,
+            payload,
+        ) {
+            Ok(req) => {
+                if d.requests.try_send(req).is_ok() {
+                    self.status
+                        .downlink_received
+                        .fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.status.downlink_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%topic, "downlink router busy; message dropped");
+                }
+            }
+            Err(e) => {
+                self.status.downlink_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%topic, error = %e, "refused a downlink message");
+            }
+        }
     }
 
     fn options(&self) -> MqttOptions {
@@ -316,6 +402,10 @@ impl Uplink {
         let mut throttled: Option<tokio::time::Instant> = None;
         let mut connected = false;
         let mut deadline: Option<tokio::time::Instant> = None;
+        let mut responses = match &self.downlink {
+            Some(d) => Some(d.responses.lock().await),
+            None => None,
+        };
 
         loop {
             if connected
@@ -355,6 +445,13 @@ impl Uplink {
                                 }
                             }
                         }
+                        if self.downlink.is_some() {
+                            let filters = [&self.topics.commands, &self.topics.attributes_shared]
+                                .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                            if let Err(e) = client.try_subscribe_many(filters) {
+                                return Ended::Lost(format!("cannot subscribe to the downlink: {e}"));
+                            }
+                        }
                         let online = profile::status_online(&self.config.version, &self.config.epoch);
                         if client.try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, online).is_ok() {
                             pending.push_back(Sent::Status);
@@ -375,9 +472,29 @@ impl Uplink {
                             self.status.last_ack_ms.store(now_ms(), Ordering::Relaxed);
                         }
                     }
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_downlink(&p.topic, &p.payload),
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                            tracing::warn!("the broker refused a downlink subscription (P/commands or P/attributes/shared): commands will not arrive");
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => return Ended::Lost(describe(&e)),
                 },
+                r = recv_opt(&mut responses), if connected && deadline.is_none() => {
+                    if let Some(payload) = r {
+                        match client.try_publish(self.topics.commands_response.clone(), QoS::AtLeastOnce, false, payload) {
+                            Ok(()) => {
+                                pending.push_back(Sent::Response);
+                                self.status.responses_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                self.status.responses_dropped.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, "cannot queue a command response; dropped");
+                            }
+                        }
+                    }
+                }
                 r = committed.changed(), if connected && room && deadline.is_none() => {
                     if r.is_err() {
                         // The outbox writer is gone: nothing more to send.
@@ -439,7 +556,13 @@ impl Uplink {
                 }
                 continue;
             }
-            let (payload, n) = profile::telemetry_payload(
+            let attributes = pick.stream == ATTRIBUTES_STREAM;
+            let encode = if attributes {
+                profile::attributes_payload
+            } else {
+                profile::telemetry_payload
+            };
+            let (payload, n) = encode(
                 &self.config.gateway_id,
                 &self.config.epoch,
                 &leased,
@@ -456,13 +579,13 @@ impl Uplink {
             } else {
                 seqs[n - 1]
             };
+            let topic = if attributes {
+                &self.topics.attributes
+            } else {
+                &self.topics.telemetry
+            };
             client
-                .try_publish(
-                    self.topics.telemetry.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
+                .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload)
                 .map_err(|e| format!("cannot queue a publish: {e}"))?;
             pending.push_back(Sent::Batch(seqs));
             schedule.advanced(&pick.stream, pick.part, sent_to);
@@ -495,6 +618,18 @@ impl Uplink {
         })
         .await;
         self.status.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The stream whose records go to `P/attributes`.
+const ATTRIBUTES_STREAM: &str = "attributes";
+
+async fn recv_opt(
+    rx: &mut Option<tokio::sync::MutexGuard<'_, tokio::sync::mpsc::Receiver<Vec<u8>>>>,
+) -> Option<Vec<u8>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
