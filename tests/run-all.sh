@@ -25,6 +25,18 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import paho.mqtt' >/dev/n
   echo "installing paho-mqtt"
   python3 -m pip install --quiet 'paho-mqtt==2.2.0' || echo "warning: paho-mqtt not installed; its test will say SKIPPED"
 fi
+# The ThingsBoard device SDK drives the device-API end-to-end test; it
+# imports mmh3 (and would pip-install it itself at import time otherwise).
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import tb_device_mqtt' >/dev/null 2>&1; then
+  echo "installing tb-mqtt-client"
+  python3 -m pip install --quiet 'tb-mqtt-client==1.13.14' 'mmh3' || echo "warning: tb-mqtt-client not installed; its test will say SKIPPED"
+fi
+# aiocoap (PyPI) drives the CoAP device test (telemetry, Block2 firmware,
+# Observe through the library API).
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import aiocoap' >/dev/null 2>&1; then
+  echo "installing aiocoap"
+  python3 -m pip install --quiet 'aiocoap==0.4.17' || echo "warning: aiocoap not installed; its test will say SKIPPED"
+fi
 
 rustc -V
 cargo -V

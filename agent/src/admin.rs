@@ -3,7 +3,9 @@
 //!
 //! Requests: `{"cmd":"status"}` → the status document (see DESIGN.md);
 //! `{"cmd":"reload_devices"}` → re-read the registry (the CLI sends it after
-//! changing devices). Responses: `{"ok":true,"result":…}` or
+//! changing devices). `{"cmd":"reload_attributes","devices":[…]}` → re-read
+//! those devices' attributes and the firmware index, pushing changed shared
+//! attributes to live sessions (the CLI sends it after staging firmware). Responses: `{"ok":true,"result":…}` or
 //! `{"ok":false,"error":"…"}`.
 
 use crate::registry::Registry;
@@ -64,6 +66,14 @@ pub struct AdminContext {
     pub outbox: Outbox,
     /// The uplink's figures, when a cloud is configured.
     pub uplink: Option<Arc<UplinkStatus>>,
+    /// The downlink router (commands, attributes).
+    pub router: Arc<crate::downlink::Router>,
+    /// The rules pipeline.
+    pub pipeline: Arc<crate::pipeline::Pipeline>,
+    /// CoAP listener counters (zero when it is off).
+    pub coap: Arc<crate::coap::CoapStats>,
+    /// CoAP Observe registrations.
+    pub coap_observers: Arc<crate::coap::Observers>,
     /// The registry.
     pub registry: Arc<Registry>,
     /// Ingest counters.
@@ -122,8 +132,13 @@ impl AdminContext {
                 "last_ack_age_s": u.last_ack_ms().map(|t| (now - t).max(0) / 1000),
                 "records_acked": u.records_acked(),
                 "error": u.last_error(),
+                "downlink_received": u.downlink_received(),
+                "downlink_refused": u.downlink_refused(),
+                "responses_sent": u.responses_sent(),
+                "responses_dropped": u.responses_dropped(),
             }),
         };
+        let commands = serde_json::to_value(&self.router.stats).unwrap_or(Json::Null);
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "gateway": { "id": self.gateway_id, "epoch": self.epoch },
@@ -133,6 +148,13 @@ impl AdminContext {
             "uplink": uplink,
             "devices": { "registered": self.registry.active_count(), "connected": self.mqtt_sessions.connected() },
             "ingest": self.stats.snapshot(),
+            "commands": commands,
+            "coap": {
+                "counters": serde_json::to_value(&*self.coap).unwrap_or(Json::Null),
+                "observers": self.coap_observers.count(),
+            },
+            "commands_pending": self.router.pending(),
+            "rules": serde_json::to_value(self.pipeline.counters().await).unwrap_or(Json::Null),
         })
     }
 }
@@ -186,6 +208,11 @@ async fn handle(stream: UnixStream, ctx: &AdminContext) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = AsyncBufReader::new(read.take(MAX_REQUEST as u64 * 16)).lines();
     while let Some(line) = lines.next_line().await? {
+        if let Ok(req) = serde_json::from_str::<Json>(&line)
+            && req.get("cmd").and_then(Json::as_str) == Some("tail")
+        {
+            return tail(&req, ctx, &mut write).await;
+        }
         let reply = if line.len() > MAX_REQUEST {
             json!({"ok": false, "error": "request too long"})
         } else {
@@ -196,6 +223,41 @@ async fn handle(stream: UnixStream, ctx: &AdminContext) -> std::io::Result<()> {
         write.write_all(out.as_bytes()).await?;
     }
     Ok(())
+}
+
+/// `{"cmd":"tail","device":NAME?,"dropped":bool}`: one JSON line per
+/// record leaving the rules (and, with `dropped`, per reading a rule
+/// dropped) until the client goes away; `{"lagged":N}` when it read too
+/// slowly and N events were skipped.
+async fn tail(
+    req: &Json,
+    ctx: &AdminContext,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let device = req.get("device").and_then(Json::as_str).map(str::to_owned);
+    let dropped = req.get("dropped").and_then(Json::as_bool).unwrap_or(false);
+    let mut rx = ctx.pipeline.watch();
+    write
+        .write_all(b"{\"ok\":true,\"result\":\"tailing\"}\n")
+        .await?;
+    loop {
+        let line = match rx.recv().await {
+            Ok(ev) => {
+                if device.as_deref().is_some_and(|d| d != ev.device)
+                    || (ev.dropped_by.is_some() && !dropped)
+                {
+                    continue;
+                }
+                serde_json::to_string(&ev).unwrap_or_default()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                json!({"lagged": n}).to_string()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        write.write_all(line.as_bytes()).await?;
+        write.write_all(b"\n").await?;
+    }
 }
 
 async fn answer(line: &str, ctx: &AdminContext) -> Json {
@@ -212,6 +274,34 @@ async fn answer(line: &str, ctx: &AdminContext) -> Json {
                     tracing::info!(active = n, "device registry reloaded");
                     json!({"ok": true, "result": {"active": n}})
                 }
+                Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
+        Some("reload_attributes") => {
+            let devices: Vec<sluice_cloud_sync::DeviceName> = req
+                .get("devices")
+                .and_then(Json::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Json::as_str)
+                        .map(sluice_cloud_sync::DeviceName::new)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let router = ctx.router.clone();
+            let reloaded = tokio::task::spawn_blocking(move || {
+                router.attributes().reload(&devices).map(|changes| {
+                    let n = changes.len();
+                    for (d, set, deleted) in changes {
+                        router.push_shared(&d, set, deleted);
+                    }
+                    n
+                })
+            })
+            .await;
+            match reloaded {
+                Ok(Ok(n)) => json!({"ok": true, "result": {"changed": n}}),
                 Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }

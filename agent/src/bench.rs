@@ -1,9 +1,9 @@
 //! `sluice bench`: the built-in load generator. It loads a *running* gateway
 //! and reports throughput and acknowledgement latency.
 //!
-//! `--protocol http` and `--protocol mqtt` are built; `coap` fails with "not
-//! built yet". Before any load the generator connects once to the target, so
-//! a wrong `--url` is a clear error rather than a report full of failures.
+//! `--protocol http`, `mqtt` and `coap` are built. Before any load the
+//! generator connects once to the target (CoAP: one ping), so a wrong
+//! `--url` is a clear error rather than a report full of failures.
 //! Without `--tokens` it registers the devices `bench-0` … `bench-{N-1}` in the
 //! config's `state.db` (rotating the token of those that already exist) and
 //! asks the running daemon to reload its registry over the admin socket
@@ -39,7 +39,12 @@
 //! $ sluice bench --protocol mqtt --qos 1 --devices 100 --messages 200000
 //! sluice bench: mqtt (QoS 1, 100 in flight) to mqtt://127.0.0.1:1883, 100 devices, 100 connections, 100-byte payloads
 //! ```
+//!
+//! `--protocol coap` sends confirmable POSTs to `coap://HOST:PORT`,
+//! `--concurrency` of them in flight, each from its own UDP socket, and
+//! retransmits unanswered ones with the same message id; see [`coap`].
 
+mod coap;
 mod mqtt;
 
 use crate::admin::{self, AdminError};
@@ -85,7 +90,8 @@ pub enum BenchProtocol {
     Http,
     /// MQTT 3.1.1, one connection per device.
     Mqtt,
-    /// CoAP (not built yet).
+    /// CoAP over UDP: confirmable POSTs, one UDP socket per request in
+    /// flight.
     Coap,
 }
 
@@ -102,7 +108,7 @@ impl BenchProtocol {
 /// Arguments of `sluice bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Device protocol to load (http or mqtt; coap is not built yet).
+    /// Device protocol to load.
     #[arg(long, value_enum)]
     pub protocol: BenchProtocol,
     /// Devices to spread the messages over, round-robin [default: 10, or
@@ -112,15 +118,17 @@ pub struct BenchArgs {
     /// Messages to send in all.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=MAX_MESSAGES))]
     pub messages: u64,
-    /// Connections in flight at once (http; mqtt opens one per device).
+    /// Connections in flight at once (http), requests in flight at once
+    /// (coap: one UDP socket each); mqtt opens one connection per device.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_CONCURRENCY))]
     pub concurrency: u64,
     /// Approximate size of each JSON body in bytes.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_PAYLOAD_BYTES))]
     pub payload_bytes: u64,
-    /// Gateway to load, like http://127.0.0.1:8080 or mqtt://127.0.0.1:1883
-    /// [default: listeners.http.bind or listeners.mqtt.bind of the
-    /// configuration, 0.0.0.0 read as 127.0.0.1].
+    /// Gateway to load, like http://127.0.0.1:8080, mqtt://127.0.0.1:1883 or
+    /// coap://127.0.0.1:5683 [default: listeners.http.bind,
+    /// listeners.mqtt.bind or listeners.coap.bind of the configuration,
+    /// 0.0.0.0 read as 127.0.0.1].
     #[arg(long)]
     pub url: Option<String>,
     /// File of device access tokens, one a line ('#' starts a comment line);
@@ -176,6 +184,9 @@ pub enum BenchError {
     /// No `--url`, and the configuration has no MQTT listener to default to.
     #[error("no --url given and the configuration has no [listeners.mqtt]")]
     NoMqttListener,
+    /// No `--url`, and the configuration has no CoAP listener to default to.
+    #[error("no --url given and the configuration has no [listeners.coap]")]
+    NoCoapListener,
     /// No `--url`, and the configured listener binds an ephemeral port.
     #[error(
         "no --url given and {key} is {addr} (port 0); pass --url with the port `sluice status` shows"
@@ -263,6 +274,7 @@ impl BenchError {
             | Self::BadUrl { .. }
             | Self::NoHttpListener
             | Self::NoMqttListener
+            | Self::NoCoapListener
             | Self::EphemeralPort { .. }
             | Self::TokenFile { .. }
             | Self::BadToken { .. }
@@ -393,7 +405,7 @@ impl BenchReport {
 /// after that are counted in the report, not returned as an error.
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
     if args.protocol == BenchProtocol::Coap {
-        return Err(BenchError::NotBuilt(args.protocol.name()));
+        check_range("payload-bytes", args.payload_bytes, coap::MAX_PAYLOAD_BYTES)?;
     }
     check_range("messages", args.messages, MAX_MESSAGES)?;
     check_range("concurrency", args.concurrency, MAX_CONCURRENCY)?;
@@ -414,12 +426,15 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         url: url.clone(),
         problem,
     })?;
-    std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
-        BenchError::Connect {
-            url: url.clone(),
-            addr,
-            source,
-        }
+    let reachable = if args.protocol == BenchProtocol::Coap {
+        coap::ping(addr)
+    } else {
+        std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map(drop)
+    };
+    reachable.map_err(|source| BenchError::Connect {
+        url: url.clone(),
+        addr,
+        source,
     })?;
 
     let mqtt_no_auth = args.protocol == BenchProtocol::Mqtt && args.no_auth;
@@ -470,6 +485,13 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         });
         let (tally, elapsed) = rt.block_on(mqtt::load(plan))?;
         (tally, elapsed, n, n)
+    } else if args.protocol == BenchProtocol::Coap {
+        let plan = coap::CoapPlan::new(addr, &tokens, args.messages, payload_bytes)
+            .map_err(BenchError::Task)?;
+        let devices = plan.templates.len() as u64;
+        let slots = args.concurrency.min(args.messages);
+        let (tally, elapsed) = rt.block_on(coap::load(Arc::new(plan), slots))?;
+        (tally, elapsed, devices, slots)
     } else {
         let plan = Arc::new(Plan {
             addr,
@@ -538,6 +560,10 @@ fn default_url(cfg: &Config, protocol: BenchProtocol) -> Result<String, BenchErr
             cfg.mqtt.as_ref().ok_or(BenchError::NoMqttListener)?.bind,
             "listeners.mqtt.bind",
         ),
+        BenchProtocol::Coap => (
+            cfg.coap.as_ref().ok_or(BenchError::NoCoapListener)?.bind,
+            "listeners.coap.bind",
+        ),
         _ => (
             cfg.http.as_ref().ok_or(BenchError::NoHttpListener)?.bind,
             "listeners.http.bind",
@@ -570,6 +596,7 @@ impl Target {
     fn parse(url: &str, protocol: BenchProtocol) -> Result<Self, String> {
         let (want, default_port) = match protocol {
             BenchProtocol::Mqtt => ("mqtt", 1883),
+            BenchProtocol::Coap => ("coap", 5683),
             _ => ("http", 80),
         };
         let rest = match url.split_once("://") {
@@ -1325,6 +1352,9 @@ mod tests {
         ] {
             assert!(Target::parse(bad, BenchProtocol::Http).is_err(), "{bad}");
         }
+        let t = Target::parse("coap://127.0.0.1", BenchProtocol::Coap).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 5683));
+        assert!(Target::parse("coaps://gw:5684", BenchProtocol::Coap).is_err());
         let t = Target::parse("mqtt://127.0.0.1", BenchProtocol::Mqtt).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 1883));
         let t = Target::parse("MQTT://gw:18830/", BenchProtocol::Mqtt).unwrap();
@@ -1492,8 +1522,13 @@ mod tests {
         let cfg = test_config(dir.path(), None);
         let mut coap = args(None, None);
         coap.protocol = BenchProtocol::Coap;
-        let e = run(&cfg, &coap).unwrap_err();
-        assert!(e.to_string().contains("not built yet"), "{e}");
+        assert!(matches!(run(&cfg, &coap), Err(BenchError::NoCoapListener)));
+        coap.url = Some("coap://127.0.0.1:1".into());
+        coap.payload_bytes = 2000;
+        assert!(matches!(
+            run(&cfg, &coap),
+            Err(BenchError::OutOfRange { .. })
+        ));
         let mut mqtt = args(None, None);
         mqtt.protocol = BenchProtocol::Mqtt;
         assert!(matches!(run(&cfg, &mqtt), Err(BenchError::NoMqttListener)));

@@ -72,6 +72,47 @@ enum Command {
     Queue(QueueCmd),
     /// Load a running gateway; print msgs/s and ack latency p50/p99.
     Bench(bench::BenchArgs),
+    /// Follow the records leaving the rules (what goes upstream), live.
+    Tail {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Also show readings the rules dropped, with the rule.
+        #[arg(long)]
+        dropped: bool,
+        /// Print raw JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Firmware images for devices (works with the daemon stopped).
+    #[command(subcommand)]
+    Firmware(FirmwareCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum FirmwareCmd {
+    /// Stage a local image and point devices at it: sets their shared
+    /// attributes fw_title, fw_version, fw_size, fw_checksum (SHA-256) and
+    /// fw_checksum_algorithm, pushed at once to connected devices.
+    Stage {
+        /// The image file.
+        file: PathBuf,
+        /// Firmware title (fw_title).
+        #[arg(long)]
+        title: String,
+        /// Firmware version (fw_version).
+        #[arg(long)]
+        version: String,
+        /// A target device (repeat for more).
+        #[arg(long = "device", required = true)]
+        devices: Vec<String>,
+    },
+    /// List staged images.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,6 +132,10 @@ enum DevicesCmd {
         /// without a token.
         #[arg(long = "cert-sha256")]
         cert_sha256: Option<String>,
+        /// Let this device publish for the devices whose names match GLOB
+        /// (`*`, `?`) on mapped legacy MQTT topics (`[[mqtt.mappings]]`).
+        #[arg(long = "bridge-for")]
+        bridge_for: Option<String>,
     },
     /// List devices.
     List {
@@ -276,6 +321,137 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Devices(cmd) => devices(&cfg, cmd),
         Command::Queue(cmd) => queue(&cfg, cmd),
+        Command::Firmware(cmd) => firmware(&cfg, cmd),
+        Command::Tail {
+            device,
+            dropped,
+            json,
+        } => tail(&cfg, device, dropped, json),
+    }
+}
+
+fn tail(cfg: &Config, device: Option<String>, dropped: bool, json: bool) -> Result<(), Failure> {
+    use std::io::{BufRead, Write};
+    let not_running = |e: std::io::Error| Failure {
+        code: 1,
+        message: format!(
+            "the daemon is not running (admin socket {}: {e})",
+            cfg.admin_socket.display()
+        ),
+    };
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&cfg.admin_socket).map_err(not_running)?;
+    let req = serde_json::json!({"cmd": "tail", "device": device, "dropped": dropped});
+    writeln!(stream, "{req}").map_err(not_running)?;
+    let mut lines = std::io::BufReader::new(stream).lines();
+    // The first line acknowledges the request.
+    match lines.next() {
+        Some(Ok(_)) => {}
+        _ => {
+            return Err(Failure {
+                code: 1,
+                message: "the daemon closed the tail at once".into(),
+            });
+        }
+    }
+    for line in lines {
+        let line = line.map_err(not_running)?;
+        if json {
+            outln!("{line}");
+            continue;
+        }
+        let Ok(ev) = serde_json::from_str::<Json>(&line) else {
+            continue;
+        };
+        if let Some(n) = ev.get("lagged") {
+            outln!("… {n} records skipped (reading too slowly)");
+            continue;
+        }
+        let what = match (ev["stream"].as_str(), ev["dropped_by"].as_str()) {
+            (_, Some(rule)) => format!("DROPPED by {rule}"),
+            (Some(s), None) => s.to_owned(),
+            _ => String::new(),
+        };
+        outln!(
+            "{} {:<20} {:<12} {}",
+            ev["ts"],
+            ev["device"].as_str().unwrap_or(""),
+            what,
+            ev["values"]
+        );
+    }
+    Ok(())
+}
+
+fn firmware(cfg: &Config, cmd: FirmwareCmd) -> Result<(), Failure> {
+    use sluice_cloud_sync::DeviceName;
+    match cmd {
+        FirmwareCmd::Stage {
+            file,
+            title,
+            version,
+            devices,
+        } => {
+            std::fs::create_dir_all(&cfg.state_dir)?;
+            let targets: Vec<DeviceName> = devices.iter().map(DeviceName::new).collect();
+            let img = crate::attributes::stage_firmware(
+                &cfg.state_db_path(),
+                &cfg.firmware_dir(),
+                &file,
+                &title,
+                &version,
+                &targets,
+            )
+            .map_err(|e| Failure {
+                code: 1,
+                message: format!("{e:#}"),
+            })?;
+            outln!(
+                "staged {} {} ({} bytes, sha256 {}) for {}",
+                img.title,
+                img.version,
+                img.size,
+                img.sha256,
+                devices.join(", ")
+            );
+            let req = serde_json::json!({"cmd": "reload_attributes", "devices": devices});
+            match admin::request_with(&cfg.admin_socket, req) {
+                Ok(_) => eprintln!(
+                    "(the running daemon pushed the fw_* attributes to connected devices)"
+                ),
+                Err(admin::AdminError::NotRunning { .. }) => {}
+                Err(e) => eprintln!("warning: the running daemon did not reload attributes: {e}"),
+            }
+            Ok(())
+        }
+        FirmwareCmd::List { json } => {
+            let list =
+                crate::attributes::list_firmware(&cfg.state_db_path()).map_err(|e| Failure {
+                    code: 1,
+                    message: format!("{e:#}"),
+                })?;
+            let rows: Vec<Json> = list
+                .iter()
+                .map(|(img, staged_ms)| {
+                    serde_json::json!({"title": img.title, "version": img.version, "size": img.size,
+                        "sha256": img.sha256, "file": img.path, "staged_ms": staged_ms})
+                })
+                .collect();
+            if json {
+                return print_json(&rows);
+            }
+            outln!("{:<24} {:<12} {:>10}  SHA256", "TITLE", "VERSION", "SIZE");
+            for (img, _) in &list {
+                outln!(
+                    "{:<24} {:<12} {:>10}  {}",
+                    img.title,
+                    img.version,
+                    img.size,
+                    img.sha256
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -471,12 +647,21 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
             kind,
             token,
             cert_sha256,
+            bridge_for,
         } => {
             let cert = cert_sha256
                 .as_deref()
                 .map(registry::parse_cert_sha256)
                 .transpose()?;
+            if let Some(g) = bridge_for.as_deref()
+                && !registry::valid_glob(g)
+            {
+                return Err(registry::RegistryError::BadGlob(g.into()).into());
+            }
             let token = db.add_with_cert(&name, &kind, token.as_deref(), cert.as_ref())?;
+            if bridge_for.is_some() {
+                db.set_bridge_for(&name, bridge_for.as_deref())?;
+            }
             outln!("{token}");
             notify_registry_change(cfg);
         }

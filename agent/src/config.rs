@@ -28,6 +28,18 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A `[[rules]]` entry is invalid; the key carries its indexes
+    /// (`rules[0].actions[1].max: …`).
+    #[error(transparent)]
+    Rules(#[from] crate::rules::RuleConfigError),
+    /// A `[[mqtt.mappings]]` entry is invalid (`mqtt.mappings[0].topic: …`).
+    #[error("{key}: {problem}")]
+    Mapping {
+        /// The dotted key with its index.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -141,6 +153,10 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     /// `[log]`
     pub log: RawLog,
+    /// `[[rules]]`: telemetry rules, in order.
+    pub rules: Vec<crate::rules::RawRule>,
+    /// `[mqtt]`: legacy topic mappings.
+    pub mqtt: crate::mqtt::mapping::RawMqttSection,
 }
 
 /// `[gateway]`
@@ -175,6 +191,151 @@ pub struct RawListeners {
     pub mqtt: Option<RawMqtt>,
     /// `[listeners.mqtts]`
     pub mqtts: Option<RawMqtts>,
+    /// `[listeners.coap]`
+    pub coap: Option<RawCoap>,
+}
+
+/// `[listeners.coap]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCoap {
+    /// Address to bind (UDP); `[::]` takes IPv4 and IPv6.
+    pub bind: String,
+    /// Largest request body (Block1 reassembled), bytes.
+    pub max_body: SizeValue,
+    /// Block size of Block2 answers when the client names none (16…1024).
+    pub block_size: SizeValue,
+    /// Requests remembered for deduplication, per client endpoint.
+    pub dedup_per_endpoint: usize,
+    /// Requests remembered for deduplication, in all.
+    pub dedup_max: usize,
+    /// A CON request whose commit takes longer gets an empty ACK first and
+    /// its answer as a separate CON response (0 = always).
+    pub separate_after: DurationValue,
+    /// Requests per second per device (token bucket); 0 = no limit.
+    pub rate_limit_per_device: f64,
+    /// Requests per second in all; 0 = no limit.
+    pub rate_limit_global: f64,
+    /// Failed authentications per source IP per `auth_fail_window`; 0 = off.
+    pub auth_fail_limit: u32,
+    /// The window of `auth_fail_limit`.
+    pub auth_fail_window: DurationValue,
+}
+
+impl Default for RawCoap {
+    fn default() -> Self {
+        Self {
+            bind: "[::]:5683".into(),
+            max_body: SizeValue::Text("64KiB".into()),
+            block_size: SizeValue::Text("1KiB".into()),
+            dedup_per_endpoint: 256,
+            dedup_max: 100_000,
+            separate_after: DurationValue::Text("1s".into()),
+            rate_limit_per_device: 0.0,
+            rate_limit_global: 0.0,
+            auth_fail_limit: 10,
+            auth_fail_window: DurationValue::Text("60s".into()),
+        }
+    }
+}
+
+/// The validated CoAP listener.
+#[derive(Debug, Clone)]
+pub struct CoapListenerConfig {
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Largest request body.
+    pub max_body: usize,
+    /// SZX of default Block2 answers.
+    pub block_szx: u8,
+    /// Dedup cap per endpoint.
+    pub dedup_per_endpoint: usize,
+    /// Dedup cap in all.
+    pub dedup_max: usize,
+    /// Empty ACK + separate response past this commit time.
+    pub separate_after: Duration,
+    /// Per-device rate, req/s (0 = off).
+    pub rate_limit_per_device: f64,
+    /// Global rate, req/s (0 = off).
+    pub rate_limit_global: f64,
+    /// Failed authentications per IP per window (0 = off).
+    pub auth_fail_limit: u32,
+    /// The throttle's window.
+    pub auth_fail_window: Duration,
+}
+
+fn validate_coap(c: &RawCoap) -> Result<CoapListenerConfig, ConfigError> {
+    let bind: SocketAddr = c.bind.parse().map_err(|_| {
+        invalid(
+            "listeners.coap.bind",
+            format!("{:?} is not an address like [::]:5683", c.bind),
+        )
+    })?;
+    let max_body = parse_size(&c.max_body)
+        .filter(|n| (64..=16 * 1024 * 1024).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                "listeners.coap.max_body",
+                format!("{} is not a size between 64 bytes and 16MiB", c.max_body),
+            )
+        })?;
+    let block = parse_size(&c.block_size)
+        .filter(|n| [16, 32, 64, 128, 256, 512, 1024].contains(n))
+        .ok_or_else(|| {
+            invalid(
+                "listeners.coap.block_size",
+                format!(
+                    "{} is not one of 16, 32, 64, 128, 256, 512, 1024 bytes",
+                    c.block_size
+                ),
+            )
+        })?;
+    if c.dedup_per_endpoint == 0 || c.dedup_max == 0 || c.dedup_max > 10_000_000 {
+        return Err(invalid(
+            "listeners.coap.dedup_max",
+            "dedup_per_endpoint and dedup_max must be at least 1 (dedup_max at most 10000000)",
+        ));
+    }
+    let separate_after = parse_duration(&c.separate_after).ok_or_else(|| {
+        invalid(
+            "listeners.coap.separate_after",
+            format!("{} is not a duration like \"1s\"", c.separate_after),
+        )
+    })?;
+    for (key, v) in [
+        (
+            "listeners.coap.rate_limit_per_device",
+            c.rate_limit_per_device,
+        ),
+        ("listeners.coap.rate_limit_global", c.rate_limit_global),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(invalid(
+                key,
+                format!("{v} must be a rate >= 0 (0 = no limit)"),
+            ));
+        }
+    }
+    let auth_fail_window = parse_duration(&c.auth_fail_window)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            invalid(
+                "listeners.coap.auth_fail_window",
+                format!("{} is not a duration like \"60s\"", c.auth_fail_window),
+            )
+        })?;
+    Ok(CoapListenerConfig {
+        bind,
+        max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+        block_szx: u8::try_from(block.trailing_zeros().saturating_sub(4)).unwrap_or(6),
+        dedup_per_endpoint: c.dedup_per_endpoint,
+        dedup_max: c.dedup_max,
+        separate_after,
+        rate_limit_per_device: c.rate_limit_per_device,
+        rate_limit_global: c.rate_limit_global,
+        auth_fail_limit: c.auth_fail_limit,
+        auth_fail_window,
+    })
 }
 
 /// `[listeners.mqtts]`: MQTT over TLS; its limits are those of
@@ -215,6 +376,11 @@ pub struct RawMqtt {
     pub max_connections: usize,
     /// How long a new connection may take to send its CONNECT.
     pub connect_timeout: DurationValue,
+    /// Failed authentications allowed per source IP per
+    /// `auth_fail_window` before its attempts are refused unchecked; 0 = off.
+    pub auth_fail_limit: u32,
+    /// The window of `auth_fail_limit`.
+    pub auth_fail_window: DurationValue,
 }
 
 impl Default for RawMqtt {
@@ -224,6 +390,8 @@ impl Default for RawMqtt {
             max_packet_size: SizeValue::Text("256KiB".into()),
             max_connections: 1000,
             connect_timeout: DurationValue::Text("10s".into()),
+            auth_fail_limit: 10,
+            auth_fail_window: DurationValue::Text("60s".into()),
         }
     }
 }
@@ -337,6 +505,9 @@ pub struct RawCloud {
     pub backoff_max: DurationValue,
     /// How long shutdown waits for outstanding PUBACKs.
     pub shutdown_grace: DurationValue,
+    /// How long a command from `P/commands` waits for the device's answer
+    /// when it carries no `expires_ms`.
+    pub command_timeout: DurationValue,
 }
 
 impl Default for RawCloud {
@@ -361,6 +532,7 @@ impl Default for RawCloud {
             backoff_min: DurationValue::Text("500ms".into()),
             backoff_max: DurationValue::Text("60s".into()),
             shutdown_grace: DurationValue::Text("5s".into()),
+            command_timeout: DurationValue::Text("30s".into()),
         }
     }
 }
@@ -437,6 +609,10 @@ pub struct MqttListenerConfig {
     pub max_connections: usize,
     /// Time allowed between accept and CONNECT.
     pub connect_timeout: Duration,
+    /// Failed authentications per source IP per window (0 = no throttle).
+    pub auth_fail_limit: u32,
+    /// The throttle's window.
+    pub auth_fail_window: Duration,
 }
 
 /// The validated MQTT-over-TLS listener.
@@ -481,6 +657,8 @@ pub struct CloudConfig {
     pub backoff: (Duration, Duration),
     /// Shutdown grace.
     pub shutdown_grace: Duration,
+    /// Default command answer timeout.
+    pub command_timeout: Duration,
 }
 
 /// Log output format.
@@ -505,6 +683,10 @@ pub struct Config {
     pub mqtt: Option<MqttListenerConfig>,
     /// MQTT-over-TLS listener, if on.
     pub mqtts: Option<MqttsListenerConfig>,
+    /// CoAP listener, if on.
+    pub coap: Option<CoapListenerConfig>,
+    /// Legacy MQTT topic mappings.
+    pub mqtt_mappings: Vec<crate::mqtt::mapping::Mapping>,
     /// Outbox bounds and policy.
     pub outbox: OutboxConfig,
     /// Wall-clock trust.
@@ -519,6 +701,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// Telemetry rules, validated (not yet wired into the listeners).
+    pub rules: Vec<crate::rules::RuleConfig>,
     /// The effective raw configuration (for `check-config`).
     pub raw: RawConfig,
 }
@@ -531,6 +715,10 @@ impl Config {
     /// Path of the state file.
     pub fn state_db_path(&self) -> PathBuf {
         self.state_dir.join("state.db")
+    }
+    /// Root of the firmware store (`staging/`, `ready/`).
+    pub fn firmware_dir(&self) -> PathBuf {
+        self.state_dir.join("firmware")
     }
 }
 
@@ -641,6 +829,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
         Some(m) => Some(validate_mqtts(m, raw.listeners.mqtt.as_ref())?),
     };
+    let coap = match &raw.listeners.coap {
+        None => None,
+        Some(c) => Some(validate_coap(c)?),
+    };
+    let mqtt_mappings = crate::mqtt::mapping::validate(&raw.mqtt.mappings)
+        .map_err(|(key, problem)| ConfigError::Mapping { key, problem })?;
 
     let o = &raw.outbox;
     let max_bytes = parse_size(&o.max_bytes)
@@ -774,25 +968,31 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    let outbox = OutboxConfig {
+        max_bytes,
+        max_age,
+        when_full,
+        durability,
+        streams,
+    };
+    let rules = crate::rules::validate(&raw.rules, &outbox.effective_streams())?;
+
     Ok(Config {
         gateway_id,
         state_dir: raw.gateway.state_dir.clone(),
         http,
         mqtt,
         mqtts,
-        outbox: OutboxConfig {
-            max_bytes,
-            max_age,
-            when_full,
-            durability,
-            streams,
-        },
+        coap,
+        mqtt_mappings,
+        outbox,
         clock,
         cloud,
         admin_socket: raw.admin.socket.clone(),
         metrics_bind,
         log_format,
         log_level: raw.log.level.clone(),
+        rules,
         raw,
     })
 }
@@ -833,11 +1033,21 @@ fn validate_mqtt(m: &RawMqtt) -> Result<MqttListenerConfig, ConfigError> {
                 format!("{} is not a duration like \"10s\"", m.connect_timeout),
             )
         })?;
+    let auth_fail_window = parse_duration(&m.auth_fail_window)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            invalid(
+                "listeners.mqtt.auth_fail_window",
+                format!("{} is not a duration like \"60s\"", m.auth_fail_window),
+            )
+        })?;
     Ok(MqttListenerConfig {
         bind,
         max_packet_size: usize::try_from(max_packet_size).unwrap_or(usize::MAX),
         max_connections: m.max_connections,
         connect_timeout,
+        auth_fail_limit: m.auth_fail_limit,
+        auth_fail_window,
     })
 }
 
@@ -1041,6 +1251,13 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
         drain,
         backoff: (backoff_min, backoff_max),
         shutdown_grace: dur("cloud.shutdown_grace", &c.shutdown_grace)?,
+        command_timeout: {
+            let t = dur("cloud.command_timeout", &c.command_timeout)?;
+            if t.is_zero() {
+                return Err(invalid("cloud.command_timeout", "must be > 0"));
+            }
+            t
+        },
     })
 }
 

@@ -11,7 +11,9 @@
 //! systemd restart us; the state is on disk.
 
 use crate::admin::{self, AdminContext};
+use crate::attributes::AttributeStore;
 use crate::config::Config;
+use crate::downlink::Router;
 use crate::http::{self, HttpContext};
 use crate::metrics;
 use crate::mqtt::{self, MqttContext, Sessions};
@@ -32,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the wall clock's trust is re-checked.
 const CLOCK_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the rules close aggregation windows and throttle intervals.
+const RULES_TICK: Duration = Duration::from_millis(500);
 /// How long listeners get to finish their requests at shutdown.
 const LISTENER_DRAIN: Duration = Duration::from_secs(10);
 
@@ -73,6 +77,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         clock.clone(),
     )?;
     let stats = Arc::new(IngestStats::default());
+    let pipeline = Arc::new(crate::pipeline::Pipeline::new(
+        outbox.clone(),
+        &cfg.outbox_path(),
+        registry.clone(),
+        cfg.rules.clone(),
+    )?);
+    let attributes = Arc::new(AttributeStore::load(
+        &cfg.state_db_path(),
+        &cfg.firmware_dir(),
+    )?);
+    // Downlink plumbing: the uplink hands cloud requests to the router, the
+    // router hands command responses back to the uplink.
+    let (requests_tx, requests_rx) = mpsc::channel(256);
+    let (responses_tx, responses_rx) = mpsc::channel::<Vec<u8>>(1024);
+    let uplink_status = cfg
+        .cloud
+        .as_ref()
+        .map(|_| Arc::new(UplinkStatus::default()));
 
     let listeners_cancel = CancellationToken::new();
     let uplink_cancel = CancellationToken::new();
@@ -96,6 +118,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         let router = http::router(Arc::new(HttpContext {
             registry: registry.clone(),
             outbox: outbox.clone(),
+            pipeline: pipeline.clone(),
             stats: stats.clone(),
             clock: clock.clone(),
             max_body: h.max_body,
@@ -107,6 +130,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     }
 
     let mqtt_sessions = Arc::new(Sessions::default());
+    let coap_observers = Arc::new(crate::coap::Observers::default());
+    let channels: Vec<Arc<dyn crate::downlink::DeviceChannel>> =
+        vec![mqtt_sessions.clone(), coap_observers.clone()];
+    let router = Arc::new(Router::new(
+        registry.clone(),
+        attributes.clone(),
+        channels,
+        uplink_status.clone().map(|u| (responses_tx, u)),
+        cfg.cloud
+            .as_ref()
+            .map_or(Duration::from_secs(30), |c| c.command_timeout),
+    ));
+    let throttle = Arc::new(
+        cfg.mqtt
+            .as_ref()
+            .or(cfg.mqtts.as_ref().map(|m| &m.listener))
+            .map_or(
+                crate::throttle::AuthThrottle::new(0, Duration::from_secs(60)),
+                |m| crate::throttle::AuthThrottle::new(m.auth_fail_limit, m.auth_fail_window),
+            ),
+    );
     // mqtt and mqtts share the session table, so a device's second
     // connection takes over its first whichever listener each came through.
     let mqtt_context = |m: &crate::config::MqttListenerConfig| {
@@ -119,6 +163,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             max_packet_size: m.max_packet_size,
             max_connections: m.max_connections,
             connect_timeout: m.connect_timeout,
+            router: router.clone(),
+            throttle: throttle.clone(),
+            mappings: Arc::new(cfg.mqtt_mappings.clone()),
+            pipeline: pipeline.clone(),
         })
     };
     if let Some(m) = &cfg.mqtt {
@@ -153,13 +201,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         ));
     }
 
+    let coap_counters = Arc::new(crate::coap::CoapStats::default());
+    if let Some(c) = &cfg.coap {
+        let sock = tokio::net::UdpSocket::bind(c.bind)
+            .await
+            .with_context(|| format!("listeners.coap.bind {}", c.bind))?;
+        let (sock, recv_buffer) = crate::coap::enlarge_receive_buffer(sock)
+            .with_context(|| format!("listeners.coap.bind {}", c.bind))?;
+        tracing::debug!(bytes = recv_buffer, "CoAP socket receive buffer");
+        let addr = sock.local_addr().context("listeners.coap.bind")?;
+        listeners.insert("coap", addr.to_string());
+        let ctx = Arc::new(crate::coap::CoapContext {
+            registry: registry.clone(),
+            outbox: outbox.clone(),
+            pipeline: pipeline.clone(),
+            stats: stats.clone(),
+            clock: clock.clone(),
+            router: router.clone(),
+            observers: coap_observers.clone(),
+            throttle: Arc::new(crate::throttle::AuthThrottle::new(
+                c.auth_fail_limit,
+                c.auth_fail_window,
+            )),
+            config: c.clone(),
+            counters: coap_counters.clone(),
+        });
+        listener_tasks.push(spawn(
+            "coap listener",
+            Box::pin(crate::coap::serve(sock, ctx, listeners_cancel.clone())),
+        ));
+    }
+
     let mut uplink_task = None;
-    let uplink_status = match &cfg.cloud {
-        None => {
+    match (&cfg.cloud, &uplink_status) {
+        (None, _) | (_, None) => {
             tracing::info!("no [cloud] configured: offline mode, records stay in the outbox");
-            None
         }
-        Some(c) => {
+        (Some(c), Some(status)) => {
             let password = match &c.password_file {
                 Some(p) => Some(
                     std::fs::read_to_string(p)
@@ -169,7 +247,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 ),
                 None => None,
             };
-            let status = Arc::new(UplinkStatus::default());
             let uplink = Uplink::new(
                 UplinkConfig {
                     host: c.host.clone(),
@@ -196,12 +273,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 },
                 outbox.clone(),
                 status.clone(),
-            )?;
+            )?
+            .with_downlink(requests_tx, responses_rx);
             let cancel = uplink_cancel.clone();
             uplink_task = Some(spawn("uplink", Box::pin(uplink.run(cancel))));
-            Some(status)
         }
-    };
+    }
+    let router_task = spawn(
+        "downlink router",
+        Box::pin(router.clone().run(requests_rx, uplink_cancel.clone())),
+    );
 
     let metrics_tcp = match cfg.metrics_bind {
         None => None,
@@ -221,6 +302,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         listeners: listeners.clone(),
         outbox: outbox.clone(),
         uplink: uplink_status,
+        router: router.clone(),
+        pipeline: pipeline.clone(),
+        coap: coap_counters,
+        coap_observers,
         registry: registry.clone(),
         stats: stats.clone(),
         mqtt_sessions,
@@ -241,6 +326,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         )),
     );
 
+    let rules_task = pipeline.has_rules().then(|| {
+        let pipeline = pipeline.clone();
+        let cancel = listeners_cancel.clone();
+        let clock = clock.clone();
+        spawn(
+            "rules clock",
+            Box::pin(async move {
+                let mut tick = tokio::time::interval(RULES_TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        _ = tick.tick() => {
+                            if let Err(e) = pipeline.tick(clock.now().wall_ms).await {
+                                tracing::warn!(error = %e, "closing rule windows failed; retrying next tick");
+                            }
+                        }
+                    }
+                }
+            }),
+        )
+    });
     let upkeep_outbox = outbox.clone();
     let upkeep_cancel = listeners_cancel.clone();
     let upkeep_clock = clock.clone();
@@ -309,11 +416,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     }
     let _ = admin_task.await;
     let _ = upkeep_task.await;
+    if let Some(t) = rules_task {
+        let _ = t.await;
+    }
     uplink_cancel.cancel();
     if let Some(t) = uplink_task {
         let _ = t.await;
     }
+    let _ = router_task.await;
     outbox.close().await;
+    let store = attributes.clone();
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
     let _ = std::fs::remove_file(&cfg.admin_socket);
     tracing::info!("stopped");
     Ok(exit)

@@ -32,6 +32,8 @@ pub struct HttpContext {
     pub registry: Arc<Registry>,
     /// The outbox.
     pub outbox: Outbox,
+    /// Rules between decoding and the outbox.
+    pub pipeline: Arc<crate::pipeline::Pipeline>,
     /// Counters.
     pub stats: Arc<IngestStats>,
     /// The gateway clock (receive timestamps and their trust).
@@ -135,14 +137,18 @@ async fn telemetry(
         return StatusCode::OK.into_response();
     }
     let started = std::time::Instant::now();
-    let appended = ctx.outbox.append(&records).await;
+    let n = records.len();
+    let appended = match ctx.pipeline.submit("telemetry", records).await {
+        Ok(p) => p.await,
+        Err(e) => Err(e),
+    };
     ctx.stats
         .commit_seconds
         .observe(started.elapsed().as_secs_f64());
     match appended {
         Ok(_) => {
             count(IngestResult::Ok);
-            ctx.stats.count_records(records.len());
+            ctx.stats.count_records(n);
             StatusCode::OK.into_response()
         }
         Err(e) => {

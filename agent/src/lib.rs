@@ -7,14 +7,19 @@
 //! [`admin`] serves the CLI; [`config`] loads and validates the TOML.
 
 pub mod admin;
+pub mod attributes;
 pub mod bench;
 pub mod cli;
+pub mod coap;
 pub mod config;
 pub mod daemon;
+pub mod downlink;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod pipeline;
 pub mod registry;
+pub mod rules;
 pub mod senml;
 pub mod stats;
 pub mod tbjson;

@@ -9,7 +9,7 @@
 //! after every configured listener is bound and the outbox is open.
 
 use crate::admin::AdminContext;
-use crate::stats::{PROTOCOLS_LABELS, RESULT_LABELS};
+use crate::stats::{PROTOCOL_ERROR_LABELS, PROTOCOLS_LABELS, RESULT_LABELS};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -18,6 +18,7 @@ use axum::routing::get;
 use sluice_cloud_sync::outbox::DROP_REASONS;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The router of the observability listener.
@@ -105,6 +106,16 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
     for p in PROTOCOLS_LABELS {
         let n = ingest.auth_failures.get(p).copied().unwrap_or(0);
         let _ = writeln!(o, "sluice_auth_failures_total{{protocol=\"{p}\"}} {n}");
+    }
+    head(
+        &mut o,
+        "sluice_mqtt_protocol_errors_total",
+        "counter",
+        "MQTT connections closed for a protocol error, by reason.",
+    );
+    for r in PROTOCOL_ERROR_LABELS {
+        let n = ingest.mqtt_protocol_errors.get(r).copied().unwrap_or(0);
+        let _ = writeln!(o, "sluice_mqtt_protocol_errors_total{{reason=\"{r}\"}} {n}");
     }
 
     let st = ctx.outbox.stats().await?;
@@ -208,13 +219,14 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
         &mut o,
         "sluice_devices_connected",
         "gauge",
-        "Devices with a live session, by protocol (HTTP has none).",
+        "Devices with a live session (MQTT) or Observe registration (CoAP), by protocol.",
     );
     for p in PROTOCOLS_LABELS {
-        let n = if p == "mqtt" {
-            ctx.mqtt_sessions.connected()
-        } else {
-            0
+        let n = match p {
+            "mqtt" => ctx.mqtt_sessions.connected(),
+            // CoAP has no sessions: devices with an Observe registration.
+            "coap" => ctx.coap_observers.devices(),
+            _ => 0,
         };
         let _ = writeln!(o, "sluice_devices_connected{{protocol=\"{p}\"}} {n}");
     }
@@ -222,9 +234,68 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
         &mut o,
         "sluice_firmware_bytes_served_total",
         "counter",
-        "Firmware bytes served to devices (firmware serving is not built yet).",
+        "Firmware bytes served to devices (MQTT chunks, CoAP Block2).",
     );
-    let _ = writeln!(o, "sluice_firmware_bytes_served_total 0");
+    let _ = writeln!(
+        o,
+        "sluice_firmware_bytes_served_total {}",
+        ctx.router
+            .stats
+            .firmware_bytes_served
+            .load(Ordering::Relaxed)
+    );
+    head(
+        &mut o,
+        "sluice_rule_readings_total",
+        "counter",
+        "Readings per telemetry rule by outcome (matched, dropped, late, absorbed into a window, emitted).",
+    );
+    for c in ctx.pipeline.counters().await {
+        for (outcome, n) in [
+            ("matched", c.matched),
+            ("dropped", c.dropped),
+            ("late", c.late),
+            ("absorbed", c.absorbed),
+            ("emitted", c.emitted),
+        ] {
+            let _ = writeln!(
+                o,
+                "sluice_rule_readings_total{{rule=\"{}\",outcome=\"{outcome}\"}} {n}",
+                c.rule
+            );
+        }
+    }
+    head(
+        &mut o,
+        "sluice_coap_messages_total",
+        "counter",
+        "CoAP message-layer events by kind.",
+    );
+    let coap = serde_json::to_value(&*ctx.coap).unwrap_or_default();
+    if let Some(m) = coap.as_object() {
+        for (kind, n) in m {
+            let _ = writeln!(o, "sluice_coap_messages_total{{kind=\"{kind}\"}} {n}");
+        }
+    }
+    head(
+        &mut o,
+        "sluice_commands_total",
+        "counter",
+        "Commands from the cloud by outcome.",
+    );
+    let s = &ctx.router.stats;
+    for (outcome, n) in [
+        ("received", &s.commands),
+        ("delivered", &s.delivered),
+        ("answered", &s.answered),
+        ("failed", &s.failed),
+    ] {
+        let _ = writeln!(
+            o,
+            "sluice_commands_total{{outcome=\"{outcome}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     head(
         &mut o,
         "sluice_uptime_seconds",

@@ -53,6 +53,9 @@ pub enum RegistryError {
     /// The certificate fingerprint is registered to another device.
     #[error("that certificate fingerprint is already registered to another device")]
     CertInUse,
+    /// The bridge glob is not acceptable.
+    #[error("bridge glob {0:?} must be 1-64 characters of A-Z a-z 0-9 - _ . * ?")]
+    BadGlob(String),
     /// The certificate fingerprint is not 64 hex digits.
     #[error("certificate fingerprint {0:?} must be a SHA-256 of 64 hex digits (colons allowed)")]
     BadFingerprint(String),
@@ -62,6 +65,38 @@ pub enum RegistryError {
     /// The OS random source failed.
     #[error("cannot generate a token: {0}")]
     Random(getrandom::Error),
+}
+
+/// Whether `g` is an acceptable `--bridge-for` glob.
+pub fn valid_glob(g: &str) -> bool {
+    !g.is_empty()
+        && g.len() <= 64
+        && g.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*' | '?'))
+}
+
+/// Glob matching: `*` any run (also empty), `?` one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 /// A device as listed by the CLI.
@@ -78,6 +113,8 @@ pub struct DeviceInfo {
     pub revoked: bool,
     /// SHA-256 of its TLS client certificate (lowercase hex), if registered.
     pub cert_sha256: Option<String>,
+    /// Glob of device names it may publish for on mapped topics, if any.
+    pub bridge_for: Option<String>,
 }
 
 /// Checks a device name or type.
@@ -265,7 +302,7 @@ impl RegistryDb {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT name, type, created_ms, revoked, cert_sha256 FROM devices ORDER BY name",
+                "SELECT name, type, created_ms, revoked, cert_sha256, bridge_for FROM devices ORDER BY name",
             )
             .map_err(self.sql())?;
         let rows = stmt
@@ -276,6 +313,7 @@ impl RegistryDb {
                     created_ms: r.get(2)?,
                     revoked: r.get::<_, i64>(3)? != 0,
                     cert_sha256: r.get::<_, Option<Vec<u8>>>(4)?.map(|f| fingerprint_hex(&f)),
+                    bridge_for: r.get(5)?,
                 })
             })
             .map_err(self.sql())?;
@@ -290,6 +328,29 @@ impl RegistryDb {
             .into_iter()
             .find(|d| d.name == name)
             .ok_or_else(|| RegistryError::NotFound(name.into()))
+    }
+
+    /// Lets `name` publish for the devices matching `glob` on mapped legacy
+    /// topics (`None` takes that away).
+    ///
+    /// Fails on a bad glob or an unknown device.
+    pub fn set_bridge_for(&self, name: &str, glob: Option<&str>) -> Result<(), RegistryError> {
+        if let Some(g) = glob
+            && !valid_glob(g)
+        {
+            return Err(RegistryError::BadGlob(g.into()));
+        }
+        let n = self
+            .conn
+            .execute(
+                "UPDATE devices SET bridge_for = ?1 WHERE name = ?2",
+                params![glob, name],
+            )
+            .map_err(self.sql())?;
+        if n == 0 {
+            return Err(RegistryError::NotFound(name.into()));
+        }
+        Ok(())
     }
 
     /// Revokes a device's token (the device stays listed, marked revoked).
@@ -325,7 +386,9 @@ impl RegistryDb {
     fn active(&self) -> Result<Active, RegistryError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT token_sha256, name, cert_sha256 FROM devices WHERE revoked = 0")
+            .prepare(
+                "SELECT token_sha256, name, cert_sha256, bridge_for, type FROM devices WHERE revoked = 0",
+            )
             .map_err(self.sql())?;
         let rows = stmt
             .query_map([], |r| {
@@ -333,13 +396,20 @@ impl RegistryDb {
                     r.get::<_, Vec<u8>>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<Vec<u8>>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, String>(4)?,
                 ))
             })
             .map_err(self.sql())?;
         let mut out = Active::default();
         for row in rows {
-            let (hash, name, cert) = row.map_err(self.sql())?;
+            let (hash, name, cert, bridge, kind) = row.map_err(self.sql())?;
             let name = DeviceName::new(name);
+            out.names.insert(name.clone());
+            out.types.insert(name.clone(), kind);
+            if let Some(g) = bridge {
+                out.bridges.insert(name.clone(), g);
+            }
             if let Some(fp) = cert.and_then(|c| <[u8; 32]>::try_from(c.as_slice()).ok()) {
                 out.certs.insert(fp, name.clone());
             }
@@ -356,6 +426,9 @@ impl RegistryDb {
 struct Active {
     tokens: HashMap<[u8; 32], DeviceName>,
     certs: HashMap<[u8; 32], DeviceName>,
+    names: std::collections::HashSet<DeviceName>,
+    bridges: HashMap<DeviceName, String>,
+    types: HashMap<DeviceName, String>,
 }
 
 /// The daemon's in-memory view of the active devices.
@@ -413,6 +486,27 @@ impl Registry {
         self.active.read().ok()?.certs.get(fingerprint).cloned()
     }
 
+    /// Whether `device` may publish data attributed to `target`: itself, or
+    /// a name its `bridge_for` glob matches.
+    pub fn may_speak_for(&self, device: &DeviceName, target: &str) -> bool {
+        device.as_str() == target
+            || self.active.read().is_ok_and(|g| {
+                g.bridges
+                    .get(device)
+                    .is_some_and(|glob| glob_match(glob, target))
+            })
+    }
+
+    /// The registered type (profile) of an active device.
+    pub fn device_type(&self, name: &DeviceName) -> Option<String> {
+        self.active.read().ok()?.types.get(name).cloned()
+    }
+
+    /// Whether `name` is a registered device that is not revoked.
+    pub fn is_active(&self, name: &DeviceName) -> bool {
+        self.active.read().is_ok_and(|g| g.names.contains(name))
+    }
+
     /// How many devices can authenticate.
     pub fn active_count(&self) -> usize {
         self.active.read().map_or(0, |g| g.tokens.len())
@@ -422,6 +516,26 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs_match_like_shell_globs() {
+        for (p, t, m) in [
+            ("*", "", true),
+            ("*", "abc", true),
+            ("sensor-*", "sensor-1", true),
+            ("sensor-*", "sensors", false),
+            ("s?n*", "sun-7", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("abc", "abc", true),
+            ("abc", "abcd", false),
+        ] {
+            assert_eq!(glob_match(p, t), m, "{p} vs {t}");
+        }
+        assert!(valid_glob("floor-2-*"));
+        assert!(!valid_glob("a/b"));
+        assert!(!valid_glob(""));
+    }
 
     #[test]
     fn tokens_follow_the_contract() {

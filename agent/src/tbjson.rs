@@ -136,7 +136,8 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
-        /// Stands in for a cargo-fuzz target: any bytes decode or say why.
+        /// Any bytes decode or say why (on every `cargo test`; the
+        /// `tbjson` cargo-fuzz target in `fuzz/` goes further).
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = decode(&bytes, &DeviceName::new("d"), 1, true);

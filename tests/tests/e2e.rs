@@ -5,6 +5,8 @@
 // Test code: a failed step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// Each test binary uses a different part of the shared harness.
+#[allow(dead_code)]
 mod harness;
 
 use harness::*;
@@ -920,6 +922,8 @@ fn metrics_healthz_and_readyz_are_served_with_every_documented_series() {
         "sluice_devices_connected{protocol=\"mqtt\"} 0",
         "sluice_auth_failures_total{protocol=\"http\"} 0",
         "sluice_firmware_bytes_served_total 0",
+        "sluice_commands_total{outcome=\"failed\"} 0",
+        "sluice_coap_messages_total{kind=\"duplicates\"} 0",
         "sluice_outbox_commit_seconds_bucket{le=\"+Inf\"}",
         "sluice_outbox_commit_batch_records_count",
     ] {
@@ -1126,6 +1130,210 @@ fn mqtt_311_and_5_publishes_at_qos1_are_stored_and_wrong_tokens_refused() {
     assert_eq!(st["ingest"]["messages"]["mqtt"]["ok"], 2);
     assert_eq!(st["outbox"]["records"], 2);
     assert_eq!(gw.stop(), Some(0), "SIGTERM stops the MQTT listener too");
+}
+
+/// A CONNECT (MQTT 3.1.1, clean session) with `token` as the username and
+/// a keep-alive of `keep_alive_s`.
+fn raw_connect(token: &str, keep_alive_s: u8) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x82, 0, keep_alive_s];
+    for field in [&b"raw"[..], token.as_bytes()] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field);
+    }
+    let mut frame = vec![0x10, body.len() as u8];
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// A PUBLISH whose first byte is `first` (0x30 = QoS 0) with a raw topic.
+fn raw_publish(first: u8, topic: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic);
+    if first & 0b0110 != 0 {
+        body.extend_from_slice(&[0, 1]);
+    }
+    body.extend_from_slice(payload);
+    let mut frame = vec![first, body.len() as u8];
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Opens a raw TCP connection to the MQTT listener; with `token`, connects
+/// and checks the CONNACK accepts it.
+fn raw_mqtt(gw: &Gateway, token: Option<&str>) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(gw.mqtt.as_ref().unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if let Some(token) = token {
+        s.write_all(&raw_connect(token, 60)).unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    }
+    s
+}
+
+/// Whether the server closes `s` (EOF or reset) within its read timeout,
+/// whatever it sent before.
+fn closed_by_server(mut s: std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn protocol_errors(metrics_addr: &str) -> BTreeMap<String, u64> {
+    let (code, text) = curl(&[&format!("http://{metrics_addr}/metrics")]);
+    assert_eq!(code, 200);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("sluice_mqtt_protocol_errors_total{reason=\""))
+        .map(|l| {
+            let (reason, n) = l.split_once("\"} ").unwrap();
+            (reason.to_owned(), n.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn mqtt_malformed_oversized_and_out_of_order_packets_close_the_connection_and_are_counted() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = Gateway::new(tmp.path(), &mqtt_spec());
+    let text = std::fs::read_to_string(&gw.config).unwrap().replace(
+        "[listeners.mqtt]\nbind = \"127.0.0.1:0\"\n",
+        "[listeners.mqtt]\nbind = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\n",
+    ) + "\n[metrics]\nbind = \"127.0.0.1:0\"\n";
+    std::fs::write(&gw.config, text).unwrap();
+    let mut gw = gw;
+    let token = gw.add_device("dev-1");
+    gw.start();
+    let metrics = gw.status()["listeners"]["metrics"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reasons = [
+        "malformed",
+        "too_large",
+        "not_connect_first",
+        "protocol_violation",
+        "connect_timeout",
+        "keepalive_timeout",
+    ];
+    let before = protocol_errors(&metrics);
+    for r in reasons {
+        assert_eq!(
+            before.get(r),
+            Some(&0),
+            "{r} is exported at 0 from start-up"
+        );
+    }
+    let telemetry = b"v1/devices/me/telemetry";
+    let mut expected: BTreeMap<String, u64> = reasons.iter().map(|r| (r.to_string(), 0)).collect();
+    let cases: [(&str, Option<&str>, Vec<u8>, &str); 7] = [
+        (
+            "CONNECT twice",
+            Some(token.as_str()),
+            raw_connect(&token, 60),
+            "protocol_violation",
+        ),
+        (
+            "PUBLISH before CONNECT",
+            None,
+            raw_publish(0x30, telemetry, b"{}"),
+            "not_connect_first",
+        ),
+        (
+            "non-UTF-8 topic",
+            Some(token.as_str()),
+            raw_publish(0x30, b"v1/devices/\xff\xfe/telemetry", b"{}"),
+            "malformed",
+        ),
+        (
+            "length overflow",
+            None,
+            vec![0x30, 0xff, 0xff, 0xff, 0xff],
+            "malformed",
+        ),
+        (
+            "QoS bits 11",
+            Some(token.as_str()),
+            raw_publish(0x36, telemetry, b"{}"),
+            "malformed",
+        ),
+        (
+            "over max_packet_size",
+            Some(token.as_str()),
+            vec![0x30, 0xff, 0xff, 0xff, 0x7f],
+            "too_large",
+        ),
+        (
+            "silence before CONNECT",
+            None,
+            Vec::new(),
+            "connect_timeout",
+        ),
+    ];
+    for (what, login, bytes, reason) in cases {
+        let mut s = raw_mqtt(&gw, login);
+        s.write_all(&bytes).unwrap();
+        assert!(
+            closed_by_server(s),
+            "{what}: the gateway closes the connection"
+        );
+        *expected.get_mut(reason).unwrap() += 1;
+        assert_eq!(protocol_errors(&metrics), expected, "after {what}");
+    }
+    // Keep-alive 1 s: silence past 1.5 s closes the session.
+    let mut s = raw_mqtt(&gw, None);
+    s.write_all(&raw_connect(&token, 1)).unwrap();
+    assert!(
+        closed_by_server(s),
+        "keep-alive timeout closes the connection"
+    );
+    *expected.get_mut("keepalive_timeout").unwrap() += 1;
+    assert_eq!(
+        protocol_errors(&metrics),
+        expected,
+        "after the keep-alive timeout"
+    );
+
+    let out = mosquitto_pub(
+        &gw,
+        &[
+            "-q",
+            "1",
+            "-u",
+            &token,
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            "{\"n\":1}",
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "the gateway still serves: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = gw.status();
+    assert_eq!(st["ingest"]["messages"]["mqtt"]["ok"], 1);
+    for (reason, n) in &expected {
+        assert_eq!(
+            st["ingest"]["mqtt_protocol_errors"][reason], *n,
+            "status {reason}"
+        );
+    }
+    assert_eq!(
+        st["outbox"]["records"], 1,
+        "nothing from the bad connections was stored"
+    );
 }
 
 #[test]

@@ -423,6 +423,8 @@ pub struct Gateway {
     pub http: Option<String>,
     /// The MQTT listener's bound address, when `GatewaySpec::mqtt`.
     pub mqtt: Option<String>,
+    /// The CoAP listener's bound address, when `GatewaySpec::coap`.
+    pub coap: Option<String>,
     /// Extra environment for `run`.
     pub env: Vec<(String, String)>,
 }
@@ -442,6 +444,9 @@ pub struct GatewaySpec {
     pub cloud_extra: String,
     /// Turn on `[listeners.mqtt]` on 127.0.0.1, port 0.
     pub mqtt: bool,
+    /// Turn on `[listeners.coap]` on 127.0.0.1, port 0, with these extra
+    /// lines.
+    pub coap: Option<String>,
 }
 
 impl Default for GatewaySpec {
@@ -454,6 +459,7 @@ impl Default for GatewaySpec {
             client_cert: None,
             cloud_extra: String::new(),
             mqtt: false,
+            coap: None,
         }
     }
 }
@@ -476,6 +482,11 @@ impl Gateway {
         );
         if spec.mqtt {
             text.push_str("\n[listeners.mqtt]\nbind = \"127.0.0.1:0\"\n");
+        }
+        if let Some(extra) = &spec.coap {
+            text.push_str(&format!(
+                "\n[listeners.coap]\nbind = \"127.0.0.1:0\"\n{extra}\n"
+            ));
         }
         if let Some((port, ca)) = &spec.cloud {
             text.push_str(&format!(
@@ -510,6 +521,7 @@ impl Gateway {
             child: None,
             http: None,
             mqtt: None,
+            coap: None,
             env: Vec::new(),
         }
     }
@@ -580,6 +592,7 @@ impl Gateway {
         };
         self.http = status["listeners"]["http"].as_str().map(str::to_owned);
         self.mqtt = status["listeners"]["mqtt"].as_str().map(str::to_owned);
+        self.coap = status["listeners"]["coap"].as_str().map(str::to_owned);
     }
 
     pub fn try_status(&self) -> Option<Json> {
@@ -807,4 +820,84 @@ impl Drop for FaultyLink {
         self.stop.store(true, Ordering::SeqCst);
         self.cut_and_heal();
     }
+}
+
+/// The `generic` profile's topic prefix of the test gateways (`gw-test`).
+pub const PREFIX: &str = "sluice/gw-test";
+
+pub struct Cloud {
+    _tmp: tempfile::TempDir,
+    pub pki: Pki,
+    pub broker: Broker,
+    pub observer: Observer,
+}
+
+/// A TLS mosquitto as the cloud, with an observer on `sluice/#`.
+pub fn cloud() -> Cloud {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(tmp.path());
+    let mut broker = Broker::new(tmp.path(), &pki, free_port());
+    broker.start();
+    let observer = Observer::start(&broker, &pki, &format!("obs-{}", broker.port));
+    Cloud {
+        _tmp: tmp,
+        pki,
+        broker,
+        observer,
+    }
+}
+
+impl Cloud {
+    /// Publishes `payload` on `topic` as the cloud side (QoS 1).
+    pub fn publish(&self, topic: &str, payload: &Json) {
+        let st = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.broker.port.to_string()])
+            .arg("--cafile")
+            .arg(&self.pki.ca)
+            .args(["-u", OBS_USER.0, "-P", OBS_USER.1, "-q", "1", "-t", topic])
+            .args(["-m", &payload.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Payloads the observer saw on `topic`.
+    pub fn seen_on(&self, topic: &str) -> Vec<Json> {
+        self.observer
+            .seen()
+            .into_iter()
+            .filter(|s| s.topic == topic)
+            .map(|s| s.payload)
+            .collect()
+    }
+
+    /// A gateway with the MQTT listener, pointed at this cloud.
+    pub fn gateway(&self, dir: &Path, extra: &str) -> Gateway {
+        Gateway::new(
+            dir,
+            &GatewaySpec {
+                mqtt: true,
+                cloud: Some((self.broker.port, self.pki.ca.clone())),
+                cloud_extra: extra.into(),
+                ..GatewaySpec::default()
+            },
+        )
+    }
+}
+
+/// Whether python3 can import `module`; prints SKIPPED when not, and fails
+/// under CI (tests/run-all.sh installs every module the tests use).
+pub fn has_python_module(module: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python module {module} is missing under CI (tests/run-all.sh installs it)"
+        );
+        eprintln!("SKIPPED: python3 module {module} is not installed (see tests/run-all.sh)");
+    }
+    ok
 }

@@ -9,10 +9,12 @@
 //! only after its records are committed (DESIGN.md invariant 1). PINGRESP,
 //! SUBACK and UNSUBACK are not publishes and go out at once.
 
-use crate::stats::IngestResult;
+use crate::stats::{IngestResult, ProtocolError};
 use crate::tbjson;
+use serde_json::{Map, Value as Json};
 use sluice_cloud_sync::{DeviceName, Record, Stamp};
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::bytes::Bytes;
 
@@ -20,16 +22,65 @@ use tokio_util::bytes::Bytes;
 pub const TELEMETRY_TOPIC: &str = "v1/devices/me/telemetry";
 /// Prefix of client-side RPC requests; the suffix is the request id.
 pub const RPC_REQUEST_PREFIX: &str = "v1/devices/me/rpc/request/";
-/// Prefix of RPC responses sent to the device.
+/// Prefix of RPC responses: to the device for its client-side RPCs, from
+/// the device for server-side RPCs (commands).
 pub const RPC_RESPONSE_PREFIX: &str = "v1/devices/me/rpc/response/";
-/// Filters a device may subscribe to (granted at QoS 1 at most).
-pub const GRANTED_FILTERS: [&str; 5] = [
+/// Client attributes up; shared-attribute pushes down.
+pub const ATTRIBUTES_TOPIC: &str = "v1/devices/me/attributes";
+/// Prefix of attribute requests from the device; the suffix is its id.
+pub const ATTRIBUTES_REQUEST_PREFIX: &str = "v1/devices/me/attributes/request/";
+/// Prefix of attribute responses to the device.
+pub const ATTRIBUTES_RESPONSE_PREFIX: &str = "v1/devices/me/attributes/response/";
+/// Prefix of firmware chunk requests: `v2/fw/request/{r}/chunk/{k}`.
+pub const FW_REQUEST_PREFIX: &str = "v2/fw/request/";
+/// Longest attribute-request payload honoured, bytes.
+const MAX_ATTRIBUTE_REQUEST: usize = 16 * 1024;
+/// The topics the gateway publishes to a device (`*` = one level). A
+/// SUBSCRIBE filter is granted (at QoS 1 at most) when every topic it can
+/// match is one of these, e.g. `v1/devices/me/rpc/request/+` or
+/// `v1/devices/me/attributes/response/7`; anything wider or elsewhere
+/// (`#`, `v1/devices/me/telemetry`) is refused.
+pub const DEVICE_TOPICS: [&str; 5] = [
     "v1/devices/me/attributes",
-    "v1/devices/me/attributes/response/+",
-    "v1/devices/me/rpc/request/+",
-    "v1/devices/me/rpc/response/+",
-    "v2/fw/response/+",
+    "v1/devices/me/attributes/response/*",
+    "v1/devices/me/rpc/request/*",
+    "v1/devices/me/rpc/response/*",
+    "v2/fw/response/*/chunk/*",
 ];
+/// Firmware filters the ThingsBoard SDK uses, granted although `+` cannot
+/// match the chunk topics (chunks are delivered whatever was subscribed).
+const FIRMWARE_FILTERS: [&str; 2] = ["v2/fw/response/+", "v2/fw/response/#"];
+
+/// Whether every topic `filter` matches also matches `pattern` (levels
+/// equal, `+` only where the pattern has `*`, no `#`).
+fn filter_within(filter: &str, pattern: &str) -> bool {
+    let f: Vec<&str> = filter.split('/').collect();
+    let p: Vec<&str> = pattern.split('/').collect();
+    f.len() == p.len()
+        && f.iter().zip(&p).all(|(f, p)| match (*f, *p) {
+            (_, "*") => *f == "+" || (!f.is_empty() && !f.contains(['+', '#'])),
+            (f, p) => f == p,
+        })
+}
+
+/// Whether a SUBSCRIBE filter is granted.
+pub fn grantable(filter: &str) -> bool {
+    FIRMWARE_FILTERS.contains(&filter) || DEVICE_TOPICS.iter().any(|p| filter_within(filter, p))
+}
+
+/// MQTT topic matching (`+` one level, `#` the rest, including none).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match (f, t.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(l)) if f == l => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
 
 /// Protocol version, from the CONNECT's protocol level byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +129,8 @@ pub enum Inbound {
     Unsubscribe {
         /// Packet id.
         pkid: u16,
-        /// Number of filters.
-        count: usize,
+        /// The filters.
+        filters: Vec<String>,
     },
     /// PUBACK from the device (we publish at QoS 0, so nothing to match).
     PubAck,
@@ -119,6 +170,9 @@ pub enum ConnAckCode {
     BadClientId,
     /// 3.1.1: 0x04 bad user name or password; 5: 0x86.
     BadCredentials,
+    /// 3.1.1: 0x05 not authorized; 5: 0x87 (too many failed
+    /// authentications from this address: credentials not even checked).
+    NotAuthorized,
 }
 
 /// Why a QoS 1 PUBLISH was not simply accepted (MQTT 5 reason codes; 3.1.1
@@ -219,6 +273,27 @@ pub enum Action {
         /// The records.
         records: Vec<Record>,
     },
+    /// As [`Action::Store`], to the outbox's `attributes` stream (client
+    /// attributes); same ticket sequence.
+    StoreAttributes {
+        /// Identifies the append.
+        ticket: u64,
+        /// The records.
+        records: Vec<Record>,
+    },
+    /// Read `len` bytes at `offset` of the firmware image `path` and send
+    /// them as a QoS 0 PUBLISH on `topic` (the read is I/O, so the
+    /// connection task does it).
+    SendFirmware {
+        /// `v2/fw/response/{r}/chunk/{k}`.
+        topic: String,
+        /// The image file.
+        path: PathBuf,
+        /// First byte.
+        offset: u64,
+        /// Bytes (0 = an empty answer past the end).
+        len: u64,
+    },
     /// The device authenticated: register the session (a previous session
     /// of the same device is taken over).
     Authenticated(DeviceName),
@@ -246,12 +321,78 @@ pub trait Env {
     fn authenticate_certificate(&self) -> Option<DeviceName> {
         None
     }
+    /// Whether this connection's source address may try to authenticate
+    /// (not throttled after failed attempts). Default: always.
+    fn auth_allowed(&self) -> bool {
+        true
+    }
+    /// Counts a failed authentication against this connection's address.
+    fn auth_failed(&self) {}
     /// The gateway clock.
     fn now(&self) -> Stamp;
     /// Counts one ingested message.
     fn count(&self, result: IngestResult);
     /// Counts stored records.
     fn count_records(&self, n: usize);
+    /// Remembers client attributes `device` reported (called when the
+    /// PUBLISH is accepted, before its commit). Default: not kept.
+    fn set_client_attributes(&self, _device: &DeviceName, _values: &Map<String, Json>) {}
+    /// The answer to an attribute request (`None` = no keys of that scope
+    /// named): `{"client":{…},"shared":{…}}`. Default: nothing known.
+    fn attributes(
+        &self,
+        _device: &DeviceName,
+        _client_keys: Option<&[String]>,
+        _shared_keys: Option<&[String]>,
+    ) -> Json {
+        Json::Object(Map::new())
+    }
+    /// A device's answer to server-side RPC `id` (a command); `false` when
+    /// no command with that id awaits an answer. Default: none does.
+    fn rpc_reply(&self, _device: &DeviceName, _id: u32, _payload: &[u8]) -> bool {
+        false
+    }
+    /// Records for a publish on a legacy topic (`[[mqtt.mappings]]`);
+    /// `None` when no mapping matches. Default: no mappings.
+    fn map_topic(
+        &self,
+        _device: &DeviceName,
+        _topic: &str,
+        _payload: &[u8],
+    ) -> Option<Result<Vec<Record>, super::mapping::MapRefusal>> {
+        None
+    }
+    /// The firmware image `device` may fetch (file, size). Default: none.
+    fn firmware(&self, _device: &DeviceName) -> Option<(PathBuf, u64)> {
+        None
+    }
+    /// Counts a connection closed for breaking the protocol.
+    fn protocol_error(&self, reason: ProtocolError);
+}
+
+/// Something the gateway pushes to a connected device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Push {
+    /// Shared attributes changed: the payload of `v1/devices/me/attributes`
+    /// (`{"k":v}`, or `{"deleted":["k"]}` for removed keys).
+    Attributes(Json),
+    /// A command: `v1/devices/me/rpc/request/{id}` with
+    /// `{"method":…,"params":…}`.
+    Rpc {
+        /// The device-facing request id.
+        id: u32,
+        /// The payload.
+        body: Json,
+    },
+}
+
+/// The device filters a session holds that pushes go to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Subscriptions {
+    /// `v1/devices/me/attributes` (shared-attribute pushes).
+    pub attributes: bool,
+    /// `v1/devices/me/rpc/request/+` (commands).
+    pub rpc: bool,
 }
 
 /// Limits announced to the device.
@@ -294,6 +435,8 @@ pub struct Session {
     next_ticket: u64,
     /// A close is queued: read nothing more.
     closing: bool,
+    /// Granted filters, in subscription order.
+    filters: Vec<String>,
 }
 
 impl Session {
@@ -307,7 +450,40 @@ impl Session {
             queue: VecDeque::new(),
             next_ticket: 0,
             closing: false,
+            filters: Vec::new(),
         }
+    }
+
+    /// Whether the session holds filters for pushes (for the router).
+    pub fn subscriptions(&self) -> Subscriptions {
+        let any = |t: &str| self.filters.iter().any(|f| topic_matches(f, t));
+        Subscriptions {
+            attributes: any(ATTRIBUTES_TOPIC),
+            rpc: self.filters.iter().any(|f| {
+                topic_matches(f, "v1/devices/me/rpc/request/1") || f.starts_with(RPC_REQUEST_PREFIX)
+            }),
+        }
+    }
+
+    /// A push from the gateway: a QoS 0 PUBLISH when the device subscribed
+    /// to its topic (MQTT delivers only to matching subscriptions), else
+    /// nothing. Pushes are not answers to the device's PUBLISHes, so they
+    /// do not wait behind unsettled ones.
+    pub fn push(&mut self, push: Push) -> Vec<Action> {
+        if self.closing || !matches!(self.state, State::Connected { .. }) {
+            return Vec::new();
+        }
+        let (topic, payload) = match push {
+            Push::Attributes(body) => (ATTRIBUTES_TOPIC.to_owned(), body.to_string()),
+            Push::Rpc { id, body } => (format!("{RPC_REQUEST_PREFIX}{id}"), body.to_string()),
+        };
+        if !self.filters.iter().any(|f| topic_matches(f, &topic)) {
+            return Vec::new();
+        }
+        vec![Action::Send(Outbound::Publish {
+            topic,
+            payload: payload.into_bytes(),
+        })]
     }
 
     /// The version of the CONNECT, once one arrived.
@@ -372,6 +548,7 @@ impl Session {
             keep_alive_s,
         } = packet
         else {
+            env.protocol_error(ProtocolError::NotConnectFirst);
             tracing::debug!(packet = ?packet, "first packet is not CONNECT; closing");
             return self.close_now();
         };
@@ -384,6 +561,11 @@ impl Session {
             a.extend(s.close_now());
             a
         };
+        if !env.auth_allowed() {
+            env.count(IngestResult::Unauthorized);
+            tracing::debug!("MQTT CONNECT from an address over its failed-authentication limit");
+            return refuse(self, ConnAckCode::NotAuthorized);
+        }
         let device = env.authenticate_certificate().or_else(|| {
             username
                 .as_deref()
@@ -392,6 +574,7 @@ impl Session {
         });
         let Some(device) = device else {
             env.count(IngestResult::Unauthorized);
+            env.auth_failed();
             tracing::debug!("MQTT CONNECT with an unknown or revoked token");
             return refuse(self, ConnAckCode::BadCredentials);
         };
@@ -433,21 +616,32 @@ impl Session {
             Inbound::Subscribe { pkid, filters } => {
                 let granted = filters
                     .iter()
-                    .map(|(f, q)| GRANTED_FILTERS.contains(&f.as_str()).then(|| (*q).min(1)))
+                    .map(|(f, q)| grantable(f).then(|| (*q).min(1)))
                     .collect();
+                for (f, _) in &filters {
+                    if grantable(f) && !self.filters.contains(f) {
+                        self.filters.push(f.clone());
+                    }
+                }
                 vec![Action::Send(Outbound::SubAck { pkid, granted })]
             }
-            Inbound::Unsubscribe { pkid, count } => {
-                vec![Action::Send(Outbound::UnsubAck { pkid, count })]
+            Inbound::Unsubscribe { pkid, filters } => {
+                self.filters.retain(|f| !filters.contains(f));
+                vec![Action::Send(Outbound::UnsubAck {
+                    pkid,
+                    count: filters.len(),
+                })]
             }
             Inbound::PubAck => Vec::new(),
             Inbound::PingReq => vec![Action::Send(Outbound::PingResp)],
             Inbound::Disconnect => self.close_now(),
             Inbound::Connect { .. } => {
+                env.protocol_error(ProtocolError::ProtocolViolation);
                 tracing::debug!(%device, "second CONNECT; closing");
                 self.refuse_now(version, DisconnectReason::ProtocolError)
             }
             Inbound::Unexpected(what) => {
+                env.protocol_error(ProtocolError::ProtocolViolation);
                 tracing::debug!(%device, packet = what, "unexpected packet; closing");
                 self.refuse_now(version, DisconnectReason::ProtocolError)
             }
@@ -501,6 +695,7 @@ impl Session {
             return self.close_in_order(version, DisconnectReason::QoSNotSupported);
         }
         let Some(topic) = topic else {
+            env.protocol_error(ProtocolError::Malformed);
             tracing::debug!(%device, "PUBLISH topic is not UTF-8; closing");
             return self.refuse_now(version, DisconnectReason::ProtocolError);
         };
@@ -513,12 +708,15 @@ impl Session {
             (Version::V5, _) => Vec::new(),
             (Version::V4, _) => s.close_in_order(version, why),
         };
-        if topic == TELEMETRY_TOPIC {
+        if topic == TELEMETRY_TOPIC || topic == ATTRIBUTES_TOPIC {
+            let attributes = topic == ATTRIBUTES_TOPIC;
             let now = env.now();
+            // Client attributes take the same decoder, limits and refusals as
+            // telemetry, and the receive time (they have no `ts` of their own).
             return match tbjson::decode(payload, device, now.wall_ms, now.trusted) {
                 Err(e) => {
                     env.count(IngestResult::BadPayload);
-                    tracing::debug!(%device, error = %e, "refused MQTT payload");
+                    tracing::debug!(%device, %topic, error = %e, "refused MQTT payload");
                     refuse(
                         self,
                         AckReason::PayloadFormatInvalid,
@@ -533,9 +731,72 @@ impl Session {
                     let ticket = self.next_ticket;
                     self.next_ticket += 1;
                     self.queue.push_back(Slot::Storing { ticket, qos, pkid });
-                    vec![Action::Store { ticket, records }]
+                    if attributes {
+                        if let Ok(Json::Object(values)) = serde_json::from_slice::<Json>(payload) {
+                            env.set_client_attributes(device, &values);
+                        }
+                        vec![Action::StoreAttributes { ticket, records }]
+                    } else {
+                        vec![Action::Store { ticket, records }]
+                    }
                 }
             };
+        }
+        if let Some(id) = topic.strip_prefix(ATTRIBUTES_REQUEST_PREFIX)
+            && valid_id(id)
+        {
+            let answer = match attribute_keys(payload) {
+                Some((client, shared)) => {
+                    env.attributes(device, client.as_deref(), shared.as_deref())
+                }
+                None => {
+                    tracing::debug!(%device, "attribute request is not {{\"clientKeys\",\"sharedKeys\"}}");
+                    serde_json::json!({"error": "expected {\"clientKeys\":\"a,b\",\"sharedKeys\":\"c\"}"})
+                }
+            };
+            let mut a = self.puback(qos, pkid);
+            a.push(Action::Send(Outbound::Publish {
+                topic: format!("{ATTRIBUTES_RESPONSE_PREFIX}{id}"),
+                payload: answer.to_string().into_bytes(),
+            }));
+            return self.settle_in_order(a);
+        }
+        if let Some(id) = topic.strip_prefix(RPC_RESPONSE_PREFIX)
+            && valid_id(id)
+        {
+            let routed = id
+                .parse::<u32>()
+                .is_ok_and(|id| env.rpc_reply(device, id, payload));
+            if !routed {
+                tracing::debug!(%device, %id, "RPC response for no pending command; dropped");
+            }
+            let a = self.puback(qos, pkid);
+            return self.settle_in_order(a);
+        }
+        if let Some(rest) = topic.strip_prefix(FW_REQUEST_PREFIX)
+            && let Some((request, chunk)) = rest.split_once("/chunk/")
+            && valid_id(request)
+            && let Ok(chunk) = chunk.parse::<u64>()
+        {
+            let mut a = self.puback(qos, pkid);
+            match (env.firmware(device), chunk_size(payload)) {
+                (Some((path, size)), Some(chunk_size)) => {
+                    let (offset, len) = sluice_firmware::chunk_range(size, chunk_size, chunk);
+                    a.push(Action::SendFirmware {
+                        topic: format!("v2/fw/response/{request}/chunk/{chunk}"),
+                        path,
+                        offset,
+                        len,
+                    });
+                }
+                (None, _) => {
+                    tracing::debug!(%device, "firmware chunk requested, but no image is staged for this device");
+                }
+                (_, None) => {
+                    tracing::debug!(%device, "firmware chunk request payload is not a chunk size");
+                }
+            }
+            return self.settle_in_order(a);
         }
         if let Some(id) = topic.strip_prefix(RPC_REQUEST_PREFIX)
             && !id.is_empty()
@@ -554,12 +815,55 @@ impl Session {
             }));
             return self.settle_in_order(a);
         }
+        match env.map_topic(device, &topic, payload) {
+            None => {}
+            Some(Ok(records)) if records.is_empty() => {
+                env.count(IngestResult::Ok);
+                return self.ack_in_order(qos, pkid);
+            }
+            Some(Ok(records)) => {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                self.queue.push_back(Slot::Storing { ticket, qos, pkid });
+                return vec![Action::Store { ticket, records }];
+            }
+            Some(Err(super::mapping::MapRefusal::Payload(e))) => {
+                env.count(IngestResult::BadPayload);
+                tracing::debug!(%device, %topic, error = %e, "refused a mapped publish");
+                return refuse(
+                    self,
+                    AckReason::PayloadFormatInvalid,
+                    DisconnectReason::PayloadFormatInvalid,
+                );
+            }
+            Some(Err(e)) => {
+                env.count(IngestResult::Unauthorized);
+                tracing::info!(%device, %topic, error = %e, "refused a mapped publish");
+                return refuse(
+                    self,
+                    AckReason::NotAuthorized,
+                    DisconnectReason::NotAuthorized,
+                );
+            }
+        }
         tracing::debug!(%device, %topic, "PUBLISH outside the device API refused");
         refuse(
             self,
             AckReason::NotAuthorized,
             DisconnectReason::NotAuthorized,
         )
+    }
+
+    /// The PUBACK of an accepted QoS 1 PUBLISH (none for QoS 0).
+    fn puback(&self, qos: u8, pkid: u16) -> Vec<Action> {
+        if qos == 1 {
+            vec![Action::Send(Outbound::PubAck {
+                pkid,
+                reason: AckReason::Success,
+            })]
+        } else {
+            Vec::new()
+        }
     }
 
     fn ack_in_order(&mut self, qos: u8, pkid: u16) -> Vec<Action> {
@@ -666,5 +970,58 @@ impl Session {
     }
 }
 
+/// A request id in a topic: non-empty, one level, no wildcards.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && !id.contains(['/', '+', '#'])
+}
+
+/// The keys of an attribute request: `{"clientKeys":"a,b","sharedKeys":"c"}`
+/// (comma-separated strings, as the ThingsBoard SDK sends; arrays of
+/// strings also accepted). An empty payload or `{}` asks for everything.
+/// `None` when the payload is not of that shape.
+#[allow(clippy::type_complexity)]
+fn attribute_keys(payload: &[u8]) -> Option<(Option<Vec<String>>, Option<Vec<String>>)> {
+    if payload.len() > MAX_ATTRIBUTE_REQUEST {
+        return None;
+    }
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Some((None, None));
+    }
+    let Json::Object(m) = serde_json::from_slice::<Json>(payload).ok()? else {
+        return None;
+    };
+    let keys = |name: &str| -> Result<Option<Vec<String>>, ()> {
+        match m.get(name) {
+            None | Some(Json::Null) => Ok(None),
+            Some(Json::String(s)) => Ok(Some(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            )),
+            Some(Json::Array(a)) => a
+                .iter()
+                .map(|k| k.as_str().map(str::to_owned).ok_or(()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(()),
+        }
+    };
+    Some((keys("clientKeys").ok()?, keys("sharedKeys").ok()?))
+}
+
+/// A firmware chunk request's payload: the chunk size in ASCII decimal, or
+/// empty for the whole image (`Some(None)`); `None` when it is neither.
+fn chunk_size(payload: &[u8]) -> Option<Option<u64>> {
+    let s = std::str::from_utf8(payload).ok()?.trim();
+    if s.is_empty() {
+        return Some(None);
+    }
+    s.parse::<u64>().ok().map(Some)
+}
+
+#[cfg(test)]
+mod api_tests;
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 struct TestEnv {
     counts: RefCell<Vec<IngestResult>>,
     records: RefCell<usize>,
+    protocol_errors: RefCell<Vec<ProtocolError>>,
 }
 
 impl Env for TestEnv {
@@ -24,6 +25,9 @@ impl Env for TestEnv {
     }
     fn count_records(&self, n: usize) {
         *self.records.borrow_mut() += n;
+    }
+    fn protocol_error(&self, reason: ProtocolError) {
+        self.protocol_errors.borrow_mut().push(reason);
     }
 }
 
@@ -107,6 +111,11 @@ fn anything_before_connect_closes_the_connection() {
         );
     }
     assert!(env.counts.borrow().is_empty());
+    assert_eq!(
+        *env.protocol_errors.borrow(),
+        vec![ProtocolError::NotConnectFirst; 4],
+        "each close counted once"
+    );
 }
 
 #[test]
@@ -120,6 +129,82 @@ fn a_second_connect_is_a_protocol_error() {
             Action::Close
         ]
     );
+    assert_eq!(
+        *env.protocol_errors.borrow(),
+        vec![ProtocolError::ProtocolViolation]
+    );
+}
+
+#[test]
+fn a_second_connect_on_mqtt311_closes_without_a_disconnect_and_is_counted() {
+    let env = TestEnv::default();
+    let mut s = connected(Version::V4, &env);
+    assert_eq!(
+        s.handle(connect(Version::V4, "good-token", "c1"), &env),
+        vec![Action::Close]
+    );
+    assert!(
+        s.handle(Inbound::PingReq, &env).is_empty(),
+        "closed stays closed"
+    );
+    assert_eq!(
+        *env.protocol_errors.borrow(),
+        vec![ProtocolError::ProtocolViolation]
+    );
+}
+
+#[test]
+fn an_unexpected_packet_type_is_a_counted_protocol_violation() {
+    for version in [Version::V4, Version::V5] {
+        let env = TestEnv::default();
+        let mut s = connected(version, &env);
+        let a = s.handle(Inbound::Unexpected("PUBREL"), &env);
+        assert_eq!(a.last(), Some(&Action::Close), "{version:?}");
+        assert_eq!(
+            *env.protocol_errors.borrow(),
+            vec![ProtocolError::ProtocolViolation],
+            "{version:?}"
+        );
+    }
+}
+
+#[test]
+fn a_non_utf8_topic_closes_at_once_and_is_counted_as_malformed() {
+    let env = TestEnv::default();
+    let mut s = connected(Version::V5, &env);
+    let a = s.handle(
+        Inbound::Publish {
+            topic: None,
+            qos: 1,
+            pkid: 1,
+            payload: Bytes::from_static(b"{}"),
+        },
+        &env,
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::Send(Outbound::Disconnect(DisconnectReason::ProtocolError)),
+            Action::Close
+        ]
+    );
+    assert_eq!(
+        *env.protocol_errors.borrow(),
+        vec![ProtocolError::Malformed]
+    );
+    assert!(env.counts.borrow().is_empty(), "not an ingested message");
+}
+
+#[test]
+fn ordinary_sessions_count_no_protocol_errors() {
+    let env = TestEnv::default();
+    let mut s = connected(Version::V4, &env);
+    let a = s.handle(publish(TELEMETRY_TOPIC, 1, 1, "{\"t\":1}"), &env);
+    assert_eq!(tickets(&a), vec![0]);
+    s.stored(0, Stored::Ok, 1, &env);
+    s.handle(Inbound::PingReq, &env);
+    assert_eq!(s.handle(Inbound::Disconnect, &env), vec![Action::Close]);
+    assert!(env.protocol_errors.borrow().is_empty());
 }
 
 #[test]
@@ -437,6 +522,9 @@ impl Env for CertEnv {
     }
     fn count_records(&self, n: usize) {
         self.0.count_records(n);
+    }
+    fn protocol_error(&self, reason: ProtocolError) {
+        self.0.protocol_error(reason);
     }
 }
 
