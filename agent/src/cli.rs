@@ -72,6 +72,9 @@ enum Command {
     Queue(QueueCmd),
     /// Load a running gateway; print msgs/s and ack latency p50/p99.
     Bench(bench::BenchArgs),
+    /// Signed fleet configuration: keys and envelopes (works offline).
+    #[command(subcommand)]
+    Fleet(FleetCmd),
     /// Follow the records leaving the rules (what goes upstream), live.
     Tail {
         /// Only this device.
@@ -87,6 +90,25 @@ enum Command {
     /// Firmware images for devices (works with the daemon stopped).
     #[command(subcommand)]
     Firmware(FirmwareCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCmd {
+    /// Write a new Ed25519 key pair: OUT (private, mode 0600) and OUT.pub
+    /// (the public key for fleet.trusted_keys); prints the public key.
+    Keygen {
+        /// Private key file to create.
+        out: PathBuf,
+    },
+    /// Print the signed envelope of FILE's bytes (a fleet configuration
+    /// payload `{"version":N,"config":{…}}`), to publish on P/config.
+    Sign {
+        /// Private key file (from `fleet keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The payload file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -274,6 +296,11 @@ fn notify_registry_change(cfg: &Config) {
 }
 
 fn dispatch(cli: Cli) -> Result<(), Failure> {
+    // Fleet keys and envelopes are made on an operator's machine: no
+    // gateway configuration needed.
+    if let Command::Fleet(cmd) = &cli.command {
+        return fleet(cmd);
+    }
     let cfg = load_config(&cli.config)?;
     match cli.command {
         Command::Run => {
@@ -282,16 +309,18 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .enable_all()
                 .thread_name("sluice")
                 .build()?;
-            match rt.block_on(daemon::run(cfg)) {
-                Ok(Exit::Stopped) => Ok(()),
-                Ok(Exit::TaskFailed(name)) => Err(Failure {
-                    code: 1,
-                    message: format!("{name} ended unexpectedly"),
-                }),
-                Err(e) => Err(Failure {
-                    code: 1,
-                    message: format!("{e:#}"),
-                }),
+            let mut cfg = cfg;
+            loop {
+                match rt.block_on(daemon::run(cfg)) {
+                    // A fleet configuration was installed or rolled back:
+                    // the same process runs again with what is on disk.
+                    Ok(Exit::Restart) => {
+                        cfg = load_config(&cli.config)?;
+                        tracing::info!(fleet_version = ?cfg.fleet_version, "restarting with the configuration on disk");
+                        continue;
+                    }
+                    other => break finish(other),
+                }
             }
         }
         Command::CheckConfig => {
@@ -322,6 +351,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Devices(cmd) => devices(&cfg, cmd),
         Command::Queue(cmd) => queue(&cfg, cmd),
         Command::Firmware(cmd) => firmware(&cfg, cmd),
+        Command::Fleet(cmd) => fleet(&cmd),
         Command::Tail {
             device,
             dropped,
@@ -452,6 +482,67 @@ fn firmware(cfg: &Config, cmd: FirmwareCmd) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+fn fleet(cmd: &FleetCmd) -> Result<(), Failure> {
+    match cmd {
+        FleetCmd::Keygen { out } => {
+            let public = crate::fleet::keygen(out)?;
+            outln!("{public}");
+            eprintln!(
+                "(private key in {}, public key in {}.pub: add it to fleet.trusted_keys)",
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
+        FleetCmd::Sign { key, file } => {
+            let payload = std::fs::read(file).map_err(|e| Failure {
+                code: 1,
+                message: format!("{}: {e}", file.display()),
+            })?;
+            // Refuse to sign what a gateway would refuse to read.
+            let v: Json = serde_json::from_slice(&payload).map_err(|e| Failure {
+                code: 2,
+                message: format!("{}: not JSON: {e}", file.display()),
+            })?;
+            if v.get("version")
+                .and_then(Json::as_u64)
+                .is_none_or(|n| n == 0)
+                || !v.get("config").is_some_and(Json::is_object)
+            {
+                return Err(Failure {
+                    code: 2,
+                    message: format!(
+                        "{}: a fleet payload is {{\"version\":N (> 0),\"config\":{{…}}}}",
+                        file.display()
+                    ),
+                });
+            }
+            outln!("{}", crate::fleet::sign(key, &payload)?);
+            Ok(())
+        }
+    }
+}
+
+/// Maps how the daemon ended to the CLI's result.
+fn finish(r: anyhow::Result<Exit>) -> Result<(), Failure> {
+    match r {
+        Ok(Exit::Stopped | Exit::Restart) => Ok(()),
+        Ok(Exit::TaskFailed(name)) => Err(Failure {
+            code: 1,
+            message: format!("{name} ended unexpectedly"),
+        }),
+        // Non-zero, so a supervisor that restarts on failure starts us again.
+        Ok(Exit::Reboot) => Err(Failure {
+            code: 3,
+            message: "stopped for the cloud's gateway_reboot command".into(),
+        }),
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("{e:#}"),
+        }),
     }
 }
 

@@ -153,10 +153,81 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     /// `[log]`
     pub log: RawLog,
+    /// `[health]`: health telemetry on `P/health`.
+    pub health: RawHealth,
+    /// `[commands]`: commands the cloud addresses to the gateway itself.
+    pub commands: RawCommands,
     /// `[[rules]]`: telemetry rules, in order.
     pub rules: Vec<crate::rules::RawRule>,
     /// `[mqtt]`: legacy topic mappings.
     pub mqtt: crate::mqtt::mapping::RawMqttSection,
+    /// `[fleet]`; absent means fleet configuration is off.
+    pub fleet: Option<RawFleet>,
+}
+
+/// `[fleet]`: signed configuration pushed from the cloud.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFleet {
+    /// Ed25519 public keys (standard base64, raw 32 bytes) that may sign.
+    pub trusted_keys: Vec<String>,
+    /// How long a newly applied configuration has to get the uplink
+    /// connected before it is rolled back.
+    pub confirm_timeout: DurationValue,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        Self {
+            trusted_keys: Vec::new(),
+            confirm_timeout: DurationValue::Text("5m".into()),
+        }
+    }
+}
+
+/// The validated `[fleet]` section.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Trusted public keys.
+    pub trusted_keys: Vec<[u8; 32]>,
+    /// Confirmation window after applying.
+    pub confirm_timeout: Duration,
+}
+
+fn validate_fleet(f: &RawFleet) -> Result<FleetConfig, ConfigError> {
+    use base64::Engine as _;
+    let mut keys = Vec::new();
+    for k in &f.trusted_keys {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(k.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| {
+                invalid(
+                    "fleet.trusted_keys",
+                    format!("{k:?} is not a base64 raw 32-byte Ed25519 public key"),
+                )
+            })?;
+        keys.push(raw);
+    }
+    if keys.is_empty() {
+        return Err(invalid(
+            "fleet.trusted_keys",
+            "at least one key is needed (sluice fleet keygen writes one)",
+        ));
+    }
+    let confirm_timeout = parse_duration(&f.confirm_timeout)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            invalid(
+                "fleet.confirm_timeout",
+                format!("{} is not a duration like \"60s\"", f.confirm_timeout),
+            )
+        })?;
+    Ok(FleetConfig {
+        trusted_keys: keys,
+        confirm_timeout,
+    })
 }
 
 /// `[gateway]`
@@ -569,6 +640,30 @@ impl Default for RawAdmin {
     }
 }
 
+/// `[health]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    /// How often the health document goes up on `P/health` (at least 1s).
+    pub interval: DurationValue,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            interval: DurationValue::Text("60s".into()),
+        }
+    }
+}
+
+/// `[commands]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCommands {
+    /// Whether the cloud's `gateway_reboot` may restart the daemon.
+    pub allow_reboot: bool,
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -659,6 +754,8 @@ pub struct CloudConfig {
     pub shutdown_grace: Duration,
     /// Default command answer timeout.
     pub command_timeout: Duration,
+    /// Upstream API.
+    pub profile: sluice_cloud_sync::profile::ProfileKind,
 }
 
 /// Log output format.
@@ -687,6 +784,12 @@ pub struct Config {
     pub coap: Option<CoapListenerConfig>,
     /// Legacy MQTT topic mappings.
     pub mqtt_mappings: Vec<crate::mqtt::mapping::Mapping>,
+    /// Fleet configuration, if on.
+    pub fleet: Option<FleetConfig>,
+    /// The file this was loaded from (empty when built in code).
+    pub source: PathBuf,
+    /// The version of the fleet configuration layered in, if any.
+    pub fleet_version: Option<u64>,
     /// Outbox bounds and policy.
     pub outbox: OutboxConfig,
     /// Wall-clock trust.
@@ -701,6 +804,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// How often health telemetry goes up.
+    pub health_interval: Duration,
+    /// Whether the cloud's `gateway_reboot` may restart the daemon.
+    pub allow_reboot: bool,
     /// Telemetry rules, validated (not yet wired into the listeners).
     pub rules: Vec<crate::rules::RuleConfig>,
     /// The effective raw configuration (for `check-config`).
@@ -728,11 +835,34 @@ impl Config {
 /// Fails when a source cannot be read or parsed, a key is unknown, or a value
 /// is invalid; the error names the key.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let raw = load_raw(path)?;
-    validate(raw)
+    let base = load_raw(path, None)?;
+    // A fleet configuration applied earlier (state_dir/fleet/applied.json)
+    // is layered over the files, under the environment.
+    let fleet = crate::fleet::applied(&base.gateway.state_dir);
+    let mut cfg = match &fleet {
+        Some((version, json)) => {
+            let mut cfg = validate(load_raw(path, Some(json))?)?;
+            cfg.fleet_version = Some(*version);
+            cfg
+        }
+        None => validate(base)?,
+    };
+    cfg.source = path.to_owned();
+    Ok(cfg)
 }
 
-fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+/// Loads and validates `path` with `fleet_json` (the `config` object of a
+/// fleet payload) layered over the files: the check a fleet configuration
+/// must pass before it is applied.
+///
+/// Fails as [`load`] does.
+pub fn load_with_fleet(path: &Path, fleet_json: &str) -> Result<Config, ConfigError> {
+    let mut cfg = validate(load_raw(path, Some(fleet_json))?)?;
+    cfg.source = path.to_owned();
+    Ok(cfg)
+}
+
+fn load_raw(path: &Path, fleet_json: Option<&str>) -> Result<RawConfig, ConfigError> {
     use config::{Environment, File, FileFormat};
     if !path.exists() {
         return Err(ConfigError::Load(format!(
@@ -752,6 +882,14 @@ fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
         for f in files {
             builder = builder.add_source(File::from(f).format(FileFormat::Toml).required(true));
         }
+    }
+    if let Some(json) = fleet_json {
+        // The fleet layer arrives as JSON; the loader reads TOML.
+        let text = serde_json::from_str::<serde_json::Value>(json)
+            .map_err(|e| e.to_string())
+            .and_then(|v| toml::to_string(&v).map_err(|e| e.to_string()))
+            .map_err(|e| ConfigError::Load(format!("fleet configuration: {e}")))?;
+        builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
     }
     builder = builder.add_source(
         Environment::with_prefix("SLUICE")
@@ -835,6 +973,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let mqtt_mappings = crate::mqtt::mapping::validate(&raw.mqtt.mappings)
         .map_err(|(key, problem)| ConfigError::Mapping { key, problem })?;
+    let fleet = match &raw.fleet {
+        None => None,
+        Some(f) => Some(validate_fleet(f)?),
+    };
 
     let o = &raw.outbox;
     let max_bytes = parse_size(&o.max_bytes)
@@ -968,6 +1110,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    let health_interval = parse_duration(&raw.health.interval)
+        .filter(|d| *d >= Duration::from_secs(1))
+        .ok_or_else(|| {
+            invalid(
+                "health.interval",
+                format!("{} is not a duration of at least 1s", raw.health.interval),
+            )
+        })?;
+
     let outbox = OutboxConfig {
         max_bytes,
         max_age,
@@ -985,6 +1136,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         mqtts,
         coap,
         mqtt_mappings,
+        fleet,
+        source: PathBuf::new(),
+        fleet_version: None,
         outbox,
         clock,
         cloud,
@@ -992,6 +1146,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         metrics_bind,
         log_format,
         log_level: raw.log.level.clone(),
+        health_interval,
+        allow_reboot: raw.commands.allow_reboot,
         rules,
         raw,
     })
@@ -1122,13 +1278,10 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
     if host.is_empty() {
         return Err(invalid("cloud.url", "host is empty"));
     }
-    if c.profile != "generic" {
+    if c.profile != "generic" && c.profile != "thingsboard" {
         return Err(invalid(
             "cloud.profile",
-            format!(
-                "{:?} is not available in this build (only \"generic\"; the thingsboard profile is not built yet)",
-                c.profile
-            ),
+            format!("{:?} is not \"generic\" or \"thingsboard\"", c.profile),
         ));
     }
     let topic_prefix = c.topic_prefix.replace("{gateway_id}", gateway_id);
@@ -1251,6 +1404,11 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
         drain,
         backoff: (backoff_min, backoff_max),
         shutdown_grace: dur("cloud.shutdown_grace", &c.shutdown_grace)?,
+        profile: if c.profile == "thingsboard" {
+            sluice_cloud_sync::profile::ProfileKind::ThingsBoard
+        } else {
+            sluice_cloud_sync::profile::ProfileKind::Generic
+        },
         command_timeout: {
             let t = dur("cloud.command_timeout", &c.command_timeout)?;
             if t.is_zero() {
@@ -1304,6 +1462,21 @@ mod tests {
             e.to_string(),
             "outbox.max_bytes: \"12XB\" is not a size of at least 4KiB"
         );
+    }
+
+    #[test]
+    fn health_interval_defaults_to_a_minute_and_must_be_a_second_or_more() {
+        let c = raw("[gateway]\nid = \"g\"\n").unwrap();
+        assert_eq!(c.health_interval, Duration::from_secs(60));
+        assert!(!c.allow_reboot);
+        let c = raw(
+            "[gateway]\nid = \"g\"\n[health]\ninterval = \"1s\"\n[commands]\nallow_reboot = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.health_interval, Duration::from_secs(1));
+        assert!(c.allow_reboot);
+        let e = raw("[gateway]\nid = \"g\"\n[health]\ninterval = \"500ms\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("health.interval:"), "{e}");
     }
 
     #[test]

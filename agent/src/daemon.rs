@@ -46,6 +46,12 @@ pub enum Exit {
     Stopped,
     /// A long-lived task ended early.
     TaskFailed(&'static str),
+    /// The cloud's `gateway_reboot` (with `commands.allow_reboot`): stopped
+    /// cleanly, to be started again by the supervisor.
+    Reboot,
+    /// A fleet configuration was installed or rolled back: run again with
+    /// the configuration now on disk.
+    Restart,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT or a fatal task failure.
@@ -90,7 +96,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     // Downlink plumbing: the uplink hands cloud requests to the router, the
     // router hands command responses back to the uplink.
     let (requests_tx, requests_rx) = mpsc::channel(256);
-    let (responses_tx, responses_rx) = mpsc::channel::<Vec<u8>>(1024);
+    let (responses_tx, responses_rx) =
+        mpsc::channel::<sluice_cloud_sync::downlink::UpMessage>(1024);
     let uplink_status = cfg
         .cloud
         .as_ref()
@@ -109,30 +116,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
 
     let mut listeners = BTreeMap::new();
     let mut listener_tasks: Vec<JoinHandle<()>> = Vec::new();
+    let mut http_tcp = None;
     if let Some(h) = &cfg.http {
         let tcp = tokio::net::TcpListener::bind(h.bind)
             .await
             .with_context(|| format!("listeners.http.bind {}", h.bind))?;
         let addr = tcp.local_addr().context("listeners.http.bind")?;
         listeners.insert("http", addr.to_string());
-        let router = http::router(Arc::new(HttpContext {
-            registry: registry.clone(),
-            outbox: outbox.clone(),
-            pipeline: pipeline.clone(),
-            stats: stats.clone(),
-            clock: clock.clone(),
-            max_body: h.max_body,
-        }));
-        listener_tasks.push(spawn(
-            "http listener",
-            Box::pin(serve_http(tcp, router, listeners_cancel.clone())),
-        ));
+        http_tcp = Some((tcp, h.max_body));
     }
 
     let mqtt_sessions = Arc::new(Sessions::default());
     let coap_observers = Arc::new(crate::coap::Observers::default());
-    let channels: Vec<Arc<dyn crate::downlink::DeviceChannel>> =
-        vec![mqtt_sessions.clone(), coap_observers.clone()];
+    let http_polls = Arc::new(http::LongPolls::default());
+    let channels: Vec<Arc<dyn crate::downlink::DeviceChannel>> = vec![
+        mqtt_sessions.clone(),
+        coap_observers.clone(),
+        http_polls.clone(),
+    ];
     let router = Arc::new(Router::new(
         registry.clone(),
         attributes.clone(),
@@ -142,6 +143,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             .as_ref()
             .map_or(Duration::from_secs(30), |c| c.command_timeout),
     ));
+    if let Some((tcp, max_body)) = http_tcp {
+        let router = http::router(Arc::new(HttpContext {
+            registry: registry.clone(),
+            outbox: outbox.clone(),
+            pipeline: pipeline.clone(),
+            stats: stats.clone(),
+            clock: clock.clone(),
+            max_body,
+            router: router.clone(),
+            long_polls: http_polls,
+            shutdown: listeners_cancel.clone(),
+        }));
+        listener_tasks.push(spawn(
+            "http listener",
+            Box::pin(serve_http(tcp, router, listeners_cancel.clone())),
+        ));
+    }
+    // Commands the cloud addresses to the gateway itself go to the health
+    // task (spawned once the admin figures exist).
+    let (gateway_commands_tx, gateway_commands_rx) = mpsc::channel(16);
+    router.set_gateway(cfg.gateway_id.clone(), gateway_commands_tx);
     let throttle = Arc::new(
         cfg.mqtt
             .as_ref()
@@ -270,6 +292,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                     gateway_id: cfg.gateway_id.clone(),
                     epoch: epoch.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
+                    profile: c.profile,
+                    device_type: {
+                        let registry = registry.clone();
+                        sluice_cloud_sync::uplink::DeviceTypes(Arc::new(move |d: &str| {
+                            registry
+                                .device_type(&sluice_cloud_sync::DeviceName::new(d))
+                                .unwrap_or_else(|| "default".to_owned())
+                        }))
+                    },
                 },
                 outbox.clone(),
                 status.clone(),
@@ -295,6 +326,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             Some(tcp)
         }
     };
+    let admin_ctx_uplink = uplink_status.clone();
     let admin_ctx = Arc::new(AdminContext {
         started,
         gateway_id: cfg.gateway_id.clone(),
@@ -317,6 +349,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             Box::pin(serve_http(tcp, router, listeners_cancel.clone())),
         ));
     }
+    let reboot = CancellationToken::new();
+    let health_task = spawn(
+        "health",
+        Box::pin(
+            crate::health::Health {
+                ctx: admin_ctx.clone(),
+                state_dir: cfg.state_dir.clone(),
+                interval: cfg.health_interval,
+                allow_reboot: cfg.allow_reboot,
+            }
+            .run(
+                gateway_commands_rx,
+                reboot.clone(),
+                listeners_cancel.clone(),
+            ),
+        ),
+    );
     let admin_task = spawn(
         "admin socket",
         Box::pin(admin::serve(
@@ -347,6 +396,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                 }
             }),
         )
+    });
+    let restart = CancellationToken::new();
+    let fleet_task = cfg.fleet.clone().map(|fc| {
+        let (tx, rx) = mpsc::channel(8);
+        router.set_fleet(tx);
+        let task = crate::fleet::FleetTask {
+            state_dir: cfg.state_dir.clone(),
+            source: cfg.source.clone(),
+            config: fc,
+            uplink: admin_ctx_uplink.clone(),
+            router: router.clone(),
+            restart: restart.clone(),
+        };
+        tokio::spawn(task.run(rx, listeners_cancel.clone()))
     });
     let upkeep_outbox = outbox.clone();
     let upkeep_cancel = listeners_cancel.clone();
@@ -400,6 +463,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
 
     let exit = tokio::select! {
         () = shutdown_signal() => Exit::Stopped,
+        () = reboot.cancelled() => Exit::Reboot,
+        () = restart.cancelled() => Exit::Restart,
         name = ended_rx.recv() => {
             let name = name.unwrap_or("unknown task");
             tracing::error!(task = name, "a long-lived task ended early; exiting");
@@ -416,6 +481,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     }
     let _ = admin_task.await;
     let _ = upkeep_task.await;
+    let _ = health_task.await;
+    if let Some(t) = fleet_task {
+        let _ = t.await;
+    }
     if let Some(t) = rules_task {
         let _ = t.await;
     }

@@ -20,10 +20,10 @@
 //! pushed the same way after a reload.
 //!
 //! Delivery goes through [`DeviceChannel`]s: MQTT sessions
-//! ([`crate::mqtt::Sessions`]) and CoAP observers ([`crate::coap::Observers`]);
-//! a command goes to the first channel where the device listens for
-//! commands, shared attributes to every channel where it listens for them.
-//! HTTP long-poll is not built yet.
+//! ([`crate::mqtt::Sessions`]), CoAP observers ([`crate::coap::Observers`])
+//! and HTTP long polls ([`crate::http::LongPolls`]); a command goes to the
+//! first channel where the device listens for commands, shared attributes
+//! to every channel where it listens for them.
 
 use crate::attributes::AttributeStore;
 use crate::mqtt::PushError;
@@ -31,7 +31,7 @@ use crate::mqtt::session::{Push, Subscriptions};
 use crate::registry::Registry;
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
-use sluice_cloud_sync::downlink::{self, CloudRequest, Command, CommandError};
+use sluice_cloud_sync::downlink::{self, CloudRequest, Command, CommandError, UpMessage};
 use sluice_cloud_sync::{DeviceName, UplinkStatus};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -89,10 +89,13 @@ pub struct Router {
     registry: Arc<Registry>,
     attributes: Arc<AttributeStore>,
     channels: Vec<Arc<dyn DeviceChannel>>,
-    responses: Option<mpsc::Sender<Vec<u8>>>,
+    responses: Option<mpsc::Sender<UpMessage>>,
     uplink: Option<Arc<UplinkStatus>>,
     default_timeout: Duration,
     pending: Mutex<HashMap<(DeviceName, u32), Pending>>,
+    fleet: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    /// The gateway id and where commands addressed to it go.
+    gateway: Mutex<Option<(String, mpsc::Sender<Command>)>>,
     next_id: AtomicU32,
     /// Counters.
     pub stats: RouterStats,
@@ -106,7 +109,7 @@ impl Router {
         registry: Arc<Registry>,
         attributes: Arc<AttributeStore>,
         channels: Vec<Arc<dyn DeviceChannel>>,
-        responses: Option<(mpsc::Sender<Vec<u8>>, Arc<UplinkStatus>)>,
+        responses: Option<(mpsc::Sender<UpMessage>, Arc<UplinkStatus>)>,
         default_timeout: Duration,
     ) -> Self {
         let (responses, uplink) = match responses {
@@ -121,6 +124,8 @@ impl Router {
             uplink,
             default_timeout,
             pending: Mutex::new(HashMap::new()),
+            fleet: Mutex::new(None),
+            gateway: Mutex::new(None),
             next_id: AtomicU32::new(1),
             stats: RouterStats::default(),
         }
@@ -132,14 +137,36 @@ impl Router {
     }
 
     fn respond(&self, payload: Vec<u8>) {
+        self.up(UpMessage::CommandResponse(payload));
+    }
+
+    /// Queues a message for the cloud (dropped and counted when the queue
+    /// is full or there is no cloud).
+    pub fn up(&self, msg: UpMessage) {
         let Some(tx) = &self.responses else {
             return;
         };
-        if tx.try_send(payload).is_err() {
+        if tx.try_send(msg).is_err() {
             if let Some(u) = &self.uplink {
                 u.count_response_dropped();
             }
-            tracing::warn!("command response queue full; a response was dropped");
+            tracing::warn!("uplink queue full; a response/health/state message was dropped");
+        }
+    }
+
+    /// Where fleet configuration envelopes from `P/config` go.
+    pub fn set_fleet(&self, tx: mpsc::Sender<Vec<u8>>) {
+        if let Ok(mut g) = self.fleet.lock() {
+            *g = Some(tx);
+        }
+    }
+
+    /// Commands whose `device` is `gateway_id` go to `tx` (the gateway's
+    /// own methods, [`crate::health`]) instead of a device, even when a
+    /// device of that name is registered.
+    pub fn set_gateway(&self, gateway_id: String, tx: mpsc::Sender<Command>) {
+        if let Ok(mut g) = self.gateway.lock() {
+            *g = Some((gateway_id, tx));
         }
     }
 
@@ -153,6 +180,19 @@ impl Router {
     pub fn handle(&self, req: CloudRequest) {
         match req {
             CloudRequest::Command(c) => self.command(c),
+            CloudRequest::Config(envelope) => {
+                let tx = self.fleet.lock().ok().and_then(|g| g.clone());
+                match tx {
+                    Some(tx) => {
+                        if tx.try_send(envelope).is_err() {
+                            tracing::warn!("fleet configuration queue full; envelope dropped");
+                        }
+                    }
+                    None => tracing::warn!(
+                        "a fleet configuration arrived on P/config but [fleet] is not configured; ignored"
+                    ),
+                }
+            }
             CloudRequest::SharedAttributes { device, values } => {
                 let name = DeviceName::new(&device);
                 if !self.registry.is_active(&name) {
@@ -189,6 +229,23 @@ impl Router {
 
     fn command(&self, c: Command) {
         self.stats.commands.fetch_add(1, Ordering::Relaxed);
+        let to_gateway = self.gateway.lock().ok().and_then(|g| {
+            g.as_ref()
+                .filter(|(id, _)| *id == c.device)
+                .map(|(_, tx)| tx.clone())
+        });
+        if let Some(tx) = to_gateway {
+            let (id, device) = (c.id.clone(), c.device.clone());
+            if tx.try_send(c).is_err() {
+                self.fail(
+                    &id,
+                    &device,
+                    CommandError::Offline,
+                    "the gateway is busy with other commands",
+                );
+            }
+            return;
+        }
         let device = DeviceName::new(&c.device);
         if !self.registry.is_active(&device) {
             return self.fail(
@@ -347,5 +404,122 @@ impl Router {
                 _ = tick.tick() => self.expire(Instant::now()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A channel where every device listens for commands and nothing is
+    /// ever delivered (counts attempts).
+    #[derive(Default)]
+    struct Recorder(AtomicU64);
+
+    impl DeviceChannel for Recorder {
+        fn subscriptions(&self, _: &DeviceName) -> Option<Subscriptions> {
+            Some(Subscriptions {
+                rpc: true,
+                ..Subscriptions::default()
+            })
+        }
+        fn push(&self, _: &DeviceName, _: Push) -> Result<(), PushError> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        router: Router,
+        device_pushes: Arc<Recorder>,
+        up_rx: mpsc::Receiver<UpMessage>,
+    }
+
+    fn fixture(devices: &[&str]) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let reg = crate::registry::RegistryDb::open(&db).unwrap();
+        for d in devices {
+            reg.add(d, "sensor", None).unwrap();
+        }
+        let registry = Arc::new(Registry::load(&db).unwrap());
+        let attributes = Arc::new(AttributeStore::load(&db, &dir.path().join("fw")).unwrap());
+        let device_pushes = Arc::new(Recorder::default());
+        let (up_tx, up_rx) = mpsc::channel(8);
+        let router = Router::new(
+            registry,
+            attributes,
+            vec![device_pushes.clone()],
+            Some((up_tx, Arc::new(UplinkStatus::default()))),
+            Duration::from_secs(5),
+        );
+        Fixture {
+            _dir: dir,
+            router,
+            device_pushes,
+            up_rx,
+        }
+    }
+
+    fn command(id: &str, device: &str, method: &str) -> CloudRequest {
+        CloudRequest::Command(Command {
+            id: json!(id),
+            device: device.into(),
+            method: method.into(),
+            params: Json::Null,
+            expires_ms: None,
+        })
+    }
+
+    fn response(msg: UpMessage) -> Json {
+        match msg {
+            UpMessage::CommandResponse(p) => serde_json::from_slice(&p).unwrap(),
+            other => panic!("not a command response: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_for_the_gateway_id_go_to_the_gateway_not_a_device() {
+        // A device registered under the gateway's own name does not shadow it.
+        let mut f = fixture(&["gw-1", "d1"]);
+        let (tx, mut rx) = mpsc::channel(4);
+        f.router.set_gateway("gw-1".into(), tx);
+        f.router.handle(command("g1", "gw-1", "gateway_ping"));
+        let c = rx.try_recv().unwrap();
+        assert_eq!((c.id, c.method.as_str()), (json!("g1"), "gateway_ping"));
+        assert!(
+            f.up_rx.try_recv().is_err(),
+            "the router itself answers nothing"
+        );
+        assert_eq!(f.device_pushes.0.load(Ordering::Relaxed), 0);
+
+        f.router.handle(command("c1", "d1", "setGpio"));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(f.device_pushes.0.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn without_a_gateway_handler_its_id_is_an_unknown_device() {
+        let mut f = fixture(&[]);
+        f.router.handle(command("g1", "gw-1", "gateway_ping"));
+        let r = response(f.up_rx.try_recv().unwrap());
+        assert_eq!(r["error"]["code"], "unknown_device");
+    }
+
+    #[test]
+    fn a_full_gateway_queue_answers_offline_at_once() {
+        let mut f = fixture(&[]);
+        let (tx, _rx) = mpsc::channel(1);
+        f.router.set_gateway("gw-1".into(), tx);
+        f.router.handle(command("g1", "gw-1", "gateway_status"));
+        f.router.handle(command("g2", "gw-1", "gateway_status"));
+        let r = response(f.up_rx.try_recv().unwrap());
+        assert_eq!(
+            (&r["id"], &r["device"], &r["error"]["code"]),
+            (&json!("g2"), &json!("gw-1"), &json!("offline"))
+        );
+        assert!(f.up_rx.try_recv().is_err());
     }
 }

@@ -14,6 +14,8 @@ pub mod coap;
 pub mod config;
 pub mod daemon;
 pub mod downlink;
+pub mod fleet;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;

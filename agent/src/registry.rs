@@ -507,6 +507,20 @@ impl Registry {
         self.active.read().is_ok_and(|g| g.names.contains(name))
     }
 
+    /// The active devices with their types, by name.
+    pub fn active_devices(&self) -> Vec<(DeviceName, String)> {
+        let Ok(g) = self.active.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(DeviceName, String)> = g
+            .names
+            .iter()
+            .map(|n| (n.clone(), g.types.get(n).cloned().unwrap_or_default()))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// How many devices can authenticate.
     pub fn active_count(&self) -> usize {
         self.active.read().map_or(0, |g| g.tokens.len())

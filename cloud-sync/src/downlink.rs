@@ -9,7 +9,9 @@
 //!   value deletes the key.
 //! - `P/commands/response` (up): `{"id":ID,"device":NAME,"result":…}` or
 //!   `{"id":ID,"device":NAME,"error":{"code":C,"message":…}}`, `C` one of
-//!   `offline`, `timeout`, `unknown_device`, `device_error`. Responses are
+//!   `offline`, `timeout`, `unknown_device`, `device_error`, and for
+//!   commands addressed to the gateway itself `unknown_method`,
+//!   `not_allowed`. Responses are
 //!   published at QoS 1 when the link is up and are **not** stored in the
 //!   outbox: a response that cannot be sent is dropped (counted), and the
 //!   cloud's own timeout covers it.
@@ -37,6 +39,18 @@ pub struct Command {
     pub expires_ms: Option<u64>,
 }
 
+/// A message for the cloud that is not an outbox record: published when
+/// the link is up, not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpMessage {
+    /// `P/commands/response` (QoS 1).
+    CommandResponse(Vec<u8>),
+    /// `P/health` (QoS 0).
+    Health(Vec<u8>),
+    /// `P/config/state` (QoS 1, retained).
+    ConfigState(Vec<u8>),
+}
+
 /// A message from the cloud.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CloudRequest {
@@ -49,6 +63,9 @@ pub enum CloudRequest {
         /// The keys.
         values: Map<String, Json>,
     },
+    /// A fleet configuration envelope from `P/config` (verified by the
+    /// agent).
+    Config(Vec<u8>),
 }
 
 /// Why a downlink message was refused.
@@ -76,6 +93,11 @@ pub enum CommandError {
     UnknownDevice,
     /// The device answered with something that is not a result.
     DeviceError,
+    /// A command for the gateway itself names a method it does not have.
+    UnknownMethod,
+    /// A command for the gateway itself that its configuration forbids
+    /// (`gateway_reboot` without `commands.allow_reboot`).
+    NotAllowed,
 }
 
 impl CommandError {
@@ -86,6 +108,8 @@ impl CommandError {
             Self::Timeout => "timeout",
             Self::UnknownDevice => "unknown_device",
             Self::DeviceError => "device_error",
+            Self::UnknownMethod => "unknown_method",
+            Self::NotAllowed => "not_allowed",
         }
     }
 }
@@ -105,7 +129,7 @@ fn device_of(obj: &Map<String, Json>) -> Result<String, DownlinkError> {
 }
 
 /// Parses a message that arrived on `topic` (`commands_topic` or
-/// `shared_topic`).
+/// `shared_topic`; the caller handles `P/config` itself).
 ///
 /// Fails on another topic, invalid JSON, or a wrong shape.
 pub fn parse(

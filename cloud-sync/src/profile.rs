@@ -27,6 +27,12 @@ pub struct GenericTopics {
     pub commands: String,
     /// `P/commands/response` (up).
     pub commands_response: String,
+    /// `P/health` (up).
+    pub health: String,
+    /// `P/config` (down, retained).
+    pub config: String,
+    /// `P/config/state` (up, retained).
+    pub config_state: String,
 }
 
 impl GenericTopics {
@@ -40,6 +46,9 @@ impl GenericTopics {
             attributes_shared: format!("{p}/attributes/shared"),
             commands: format!("{p}/commands"),
             commands_response: format!("{p}/commands/response"),
+            health: format!("{p}/health"),
+            config: format!("{p}/config"),
+            config_state: format!("{p}/config/state"),
         }
     }
 }
@@ -280,5 +289,389 @@ mod tests {
         let (payload, _) = telemetry_payload("gw", "e", &leased, 1 << 16).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(v["records"][0]["ts_trusted"], serde_json::json!(false));
+    }
+}
+
+/// Which upstream API the uplink speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileKind {
+    /// sluice's own topics under `P/` (DESIGN.md).
+    Generic,
+    /// The ThingsBoard gateway MQTT API (`v1/gateway/*`).
+    ThingsBoard,
+}
+
+/// The ThingsBoard gateway MQTT API, as the ThingsBoard gateway itself
+/// uses it (shapes from ../shared/notes/thingsboard-api.md §2).
+pub mod tb {
+    use super::{JsonValue, Values};
+    use crate::downlink::{CloudRequest, Command, DownlinkError};
+    use crate::outbox::Leased;
+    use serde_json::{Map, Value as Json, json};
+
+    /// Device telemetry, up.
+    pub const TELEMETRY: &str = "v1/gateway/telemetry";
+    /// Device client attributes up; shared attributes down.
+    pub const ATTRIBUTES: &str = "v1/gateway/attributes";
+    /// A device appears.
+    pub const CONNECT: &str = "v1/gateway/connect";
+    /// Commands down, answers up.
+    pub const RPC: &str = "v1/gateway/rpc";
+    /// The gateway's own telemetry (health).
+    pub const ME_TELEMETRY: &str = "v1/devices/me/telemetry";
+    /// The gateway's own attributes (shared down: `sluice_config`).
+    pub const ME_ATTRIBUTES: &str = "v1/devices/me/attributes";
+    /// Server-side RPC to the gateway itself.
+    pub const ME_RPC_REQUEST: &str = "v1/devices/me/rpc/request/";
+    /// Answers to the gateway's own RPCs (and its client-side ones).
+    pub const ME_RPC_RESPONSE: &str = "v1/devices/me/rpc/response/";
+    /// Answers to the gateway's own attribute requests.
+    pub const ME_ATTRIBUTES_RESPONSE: &str = "v1/devices/me/attributes/response/";
+    /// The gateway's request for its `sluice_config` at connect.
+    pub const ME_ATTRIBUTES_REQUEST: &str = "v1/devices/me/attributes/request/1";
+    /// The shared attribute carrying a fleet configuration envelope.
+    pub const CONFIG_ATTRIBUTE: &str = "sluice_config";
+    /// The client attribute reporting fleet configuration outcomes.
+    pub const CONFIG_STATE_ATTRIBUTE: &str = "sluice_config_state";
+    /// The request id of the gateway's own `getSessionLimits`.
+    pub const SESSION_LIMITS_ID: &str = "1";
+
+    /// `v1/gateway/telemetry` (`with_ts`) or `v1/gateway/attributes` for the
+    /// longest prefix of `leased` within `max_bytes` (at least one record):
+    /// `{"dev":[{"ts":…,"values":{…}},…],…}` / `{"dev":{…},…}`, devices in
+    /// order of first appearance.
+    ///
+    /// Fails only if serde_json fails to write.
+    pub fn batch_payload(
+        leased: &[Leased],
+        max_bytes: usize,
+        with_ts: bool,
+    ) -> Result<(Vec<u8>, usize), serde_json::Error> {
+        // Grow one record at a time; rebuild the object (small batches).
+        let mut best: Option<(Vec<u8>, usize)> = None;
+        let mut by_dev: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, l) in leased.iter().enumerate() {
+            let dev = l.record.device.as_str();
+            match by_dev.iter_mut().find(|(d, _)| d == dev) {
+                Some((_, v)) => v.push(i),
+                None => by_dev.push((dev.to_owned(), vec![i])),
+            }
+            let mut out = Vec::with_capacity(256);
+            out.push(b'{');
+            for (k, (dev, idx)) in by_dev.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut out, dev)?;
+                out.push(b':');
+                if with_ts {
+                    out.push(b'[');
+                    for (j, &ix) in idx.iter().enumerate() {
+                        if j > 0 {
+                            out.push(b',');
+                        }
+                        let r = &leased[ix].record;
+                        out.extend_from_slice(br#"{"ts":"#);
+                        serde_json::to_writer(&mut out, &r.ts_ms)?;
+                        out.extend_from_slice(br#","values":"#);
+                        serde_json::to_writer(&mut out, &Values(&r.values))?;
+                        out.push(b'}');
+                    }
+                    out.push(b']');
+                } else {
+                    // Attributes: the keys of the device's records merged.
+                    let mut m = Map::new();
+                    for &ix in idx {
+                        for (k, v) in &leased[ix].record.values {
+                            m.insert(k.clone(), serde_json::to_value(JsonValue(v))?);
+                        }
+                    }
+                    serde_json::to_writer(&mut out, &m)?;
+                }
+            }
+            out.push(b'}');
+            if best.is_some() && out.len() > max_bytes {
+                break;
+            }
+            best = Some((out, i + 1));
+        }
+        Ok(best.unwrap_or_else(|| (b"{}".to_vec(), 0)))
+    }
+
+    /// `v1/gateway/connect` for `device` of `kind`.
+    pub fn connect_payload(device: &str, kind: &str) -> Vec<u8> {
+        json!({"device": device, "type": kind})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// Parses a downlink message: `v1/gateway/rpc`, `v1/gateway/attributes`,
+    /// the gateway's own `v1/devices/me/rpc/request/{id}` (a command for
+    /// `gateway_id`) and `v1/devices/me/attributes` (`sluice_config`). A
+    /// `getSessionLimits` answer is the caller's (see [`session_limits`]).
+    ///
+    /// Fails on other topics and on shapes it does not know.
+    pub fn parse(
+        gateway_id: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<CloudRequest, DownlinkError> {
+        let shape = |m: &str| DownlinkError::Shape(m.to_owned());
+        let json: Json =
+            serde_json::from_slice(payload).map_err(|e| DownlinkError::Syntax(e.to_string()))?;
+        let device = || -> Result<String, DownlinkError> {
+            json.get("device")
+                .and_then(Json::as_str)
+                .filter(|d| !d.is_empty() && d.len() <= 64)
+                .map(str::to_owned)
+                .ok_or_else(|| shape("\"device\" (a 1-64 character string) is required"))
+        };
+        if topic == RPC {
+            let data = json
+                .get("data")
+                .ok_or_else(|| shape("\"data\" is required"))?;
+            let id = match data.get("id") {
+                Some(id @ (Json::Number(_) | Json::String(_))) => id.clone(),
+                _ => return Err(shape("\"data.id\" is required")),
+            };
+            let method = data
+                .get("method")
+                .and_then(Json::as_str)
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| shape("\"data.method\" is required"))?;
+            let params = data.get("params").cloned().unwrap_or(Json::Null);
+            let expires_ms = params
+                .get("timeout")
+                .and_then(Json::as_u64)
+                .filter(|t| *t > 0);
+            return Ok(CloudRequest::Command(Command {
+                id,
+                device: device()?,
+                method: method.to_owned(),
+                params,
+                expires_ms,
+            }));
+        }
+        if topic == ATTRIBUTES {
+            return match json.get("data") {
+                Some(Json::Object(values)) if !values.is_empty() => {
+                    Ok(CloudRequest::SharedAttributes {
+                        device: device()?,
+                        values: values.clone(),
+                    })
+                }
+                _ => Err(shape("\"data\" must be a non-empty object")),
+            };
+        }
+        if let Some(id) = topic.strip_prefix(ME_RPC_REQUEST) {
+            let method = json
+                .get("method")
+                .and_then(Json::as_str)
+                .ok_or_else(|| shape("\"method\" is required"))?;
+            let id: Json = id.parse::<u64>().map_or_else(|_| json!(id), Json::from);
+            return Ok(CloudRequest::Command(Command {
+                id,
+                device: gateway_id.to_owned(),
+                method: method.to_owned(),
+                params: json.get("params").cloned().unwrap_or(Json::Null),
+                expires_ms: None,
+            }));
+        }
+        if topic == ME_ATTRIBUTES || topic.starts_with(ME_ATTRIBUTES_RESPONSE) {
+            // A push is the bare object; an attribute response wraps it in
+            // "shared".
+            let attrs = json.get("shared").unwrap_or(&json);
+            return match attrs.get(CONFIG_ATTRIBUTE) {
+                Some(Json::String(s)) => Ok(CloudRequest::Config(s.clone().into_bytes())),
+                Some(env @ Json::Object(_)) => {
+                    Ok(CloudRequest::Config(env.to_string().into_bytes()))
+                }
+                _ => Err(shape("no sluice_config attribute")),
+            };
+        }
+        Err(DownlinkError::Topic(topic.to_owned()))
+    }
+
+    /// A generic `P/commands/response` payload turned into the ThingsBoard
+    /// answer: `(topic, payload)` — `v1/gateway/rpc`
+    /// `{"device","id","data"}` for a device, or the gateway's own
+    /// `v1/devices/me/rpc/response/{id}` when `device` is `gateway_id`.
+    /// Errors become `{"error":message,"code":N}` (408 timeout, 404 unknown
+    /// device, 503 offline, 500 otherwise), as the ThingsBoard gateway
+    /// answers.
+    pub fn response(gateway_id: &str, generic: &[u8]) -> Option<(String, Vec<u8>)> {
+        let v: Json = serde_json::from_slice(generic).ok()?;
+        let device = v.get("device")?.as_str()?;
+        let id = v.get("id")?.clone();
+        let data = match (v.get("result"), v.get("error")) {
+            (Some(r), _) => r.clone(),
+            (None, Some(e)) => {
+                let code = match e.get("code").and_then(Json::as_str) {
+                    Some("timeout") => 408,
+                    Some("unknown_device") => 404,
+                    Some("offline") => 503,
+                    _ => 500,
+                };
+                json!({"error": e.get("message").cloned().unwrap_or(Json::Null), "code": code})
+            }
+            (None, None) => return None,
+        };
+        if device == gateway_id {
+            let id = match &id {
+                Json::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            return Some((
+                format!("{ME_RPC_RESPONSE}{id}"),
+                data.to_string().into_bytes(),
+            ));
+        }
+        Some((
+            RPC.to_owned(),
+            json!({"device": device, "id": id, "data": data})
+                .to_string()
+                .into_bytes(),
+        ))
+    }
+
+    /// The limits in a `getSessionLimits` answer: (max payload bytes, max
+    /// in-flight messages), each `None` when absent or 0.
+    pub fn session_limits(payload: &[u8]) -> (Option<usize>, Option<usize>) {
+        let v: Json = serde_json::from_slice(payload).unwrap_or_default();
+        let n = |k: &str| {
+            v.get(k)
+                .and_then(Json::as_u64)
+                .filter(|n| *n > 0)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        (n("maxPayloadSize"), n("maxInflightMessages"))
+    }
+
+    /// The gateway's `getSessionLimits` request.
+    pub fn session_limits_request() -> Vec<u8> {
+        json!({"method": "getSessionLimits", "params": {"timeout": 5000}})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// A fleet-configuration report as the gateway's client attribute.
+    pub fn config_state(report: &[u8]) -> Vec<u8> {
+        let r: Json = serde_json::from_slice(report).unwrap_or(Json::Null);
+        json!({ CONFIG_STATE_ATTRIBUTE: r })
+            .to_string()
+            .into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tb_tests {
+    use super::tb;
+    use crate::downlink::CloudRequest;
+    use crate::outbox::Leased;
+    use crate::record::{DeviceName, Record, Seq, Value};
+    use serde_json::{Value as Json, json};
+
+    fn rec(dev: &str, ts: i64, v: i64) -> Leased {
+        Leased {
+            seq: Seq(ts as u64),
+            stream: "telemetry".into(),
+            accepted_ms: 1,
+            len: 10,
+            record: Record {
+                device: DeviceName::new(dev),
+                ts_ms: ts,
+                ts_trusted: true,
+                values: vec![("t".into(), Value::I64(v))],
+            },
+        }
+    }
+
+    #[test]
+    fn gateway_telemetry_groups_records_by_device() {
+        let l = vec![rec("a", 1, 10), rec("b", 2, 20), rec("a", 3, 30)];
+        let (p, n) = tb::batch_payload(&l, 1 << 16, true).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            serde_json::from_slice::<Json>(&p).unwrap(),
+            json!({"a":[{"ts":1,"values":{"t":10}},{"ts":3,"values":{"t":30}}],"b":[{"ts":2,"values":{"t":20}}]})
+        );
+        let (p, n) = tb::batch_payload(&l, 1 << 16, false).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            serde_json::from_slice::<Json>(&p).unwrap(),
+            json!({"a":{"t":30},"b":{"t":20}})
+        );
+        let (_, n) = tb::batch_payload(&l, 20, true).unwrap();
+        assert_eq!(n, 1, "at least one record, within the bound after that");
+        assert_eq!(
+            serde_json::from_slice::<Json>(&tb::connect_payload("a", "sensor")).unwrap(),
+            json!({"device":"a","type":"sensor"})
+        );
+    }
+
+    #[test]
+    fn gateway_downlink_and_answers_follow_the_thingsboard_shapes() {
+        let r = tb::parse(
+            "gw",
+            tb::RPC,
+            br#"{"device":"d1","data":{"id":42,"method":"setGpio","params":{"pin":7,"timeout":3000}}}"#,
+        )
+        .unwrap();
+        let CloudRequest::Command(c) = r else {
+            panic!()
+        };
+        assert_eq!(
+            (c.id, c.device.as_str(), c.method.as_str(), c.expires_ms),
+            (json!(42), "d1", "setGpio", Some(3000))
+        );
+        let r = tb::parse(
+            "gw",
+            tb::ATTRIBUTES,
+            br#"{"device":"d1","data":{"targetTemp":23}}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, CloudRequest::SharedAttributes { device, .. } if device == "d1"));
+        let r = tb::parse(
+            "gw",
+            "v1/devices/me/rpc/request/77",
+            br#"{"method":"gateway_ping","params":{}}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, CloudRequest::Command(c) if c.device == "gw" && c.id == json!(77)));
+        let r = tb::parse(
+            "gw",
+            tb::ME_ATTRIBUTES,
+            br#"{"sluice_config":"{\"payload\":\"x\"}"}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, CloudRequest::Config(b) if b == br#"{"payload":"x"}"#));
+        assert!(tb::parse("gw", "other", b"{}").is_err());
+        let (t, p) =
+            tb::response("gw", br#"{"id":42,"device":"d1","result":{"ok":true}}"#).unwrap();
+        assert_eq!(t, tb::RPC);
+        assert_eq!(
+            serde_json::from_slice::<Json>(&p).unwrap(),
+            json!({"device":"d1","id":42,"data":{"ok":true}})
+        );
+        let (_, p) = tb::response(
+            "gw",
+            br#"{"id":43,"device":"x","error":{"code":"timeout","message":"no answer"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Json>(&p).unwrap(),
+            json!({"device":"x","id":43,"data":{"error":"no answer","code":408}})
+        );
+        let (t, p) =
+            tb::response("gw", br#"{"id":77,"device":"gw","result":{"pong":true}}"#).unwrap();
+        assert_eq!(
+            (t.as_str(), p.as_slice()),
+            ("v1/devices/me/rpc/response/77", &br#"{"pong":true}"#[..])
+        );
+        assert_eq!(
+            tb::session_limits(br#"{"maxPayloadSize":65536,"maxInflightMessages":100}"#),
+            (Some(65536), Some(100))
+        );
+        assert_eq!(tb::session_limits(b"{}"), (None, None));
     }
 }

@@ -22,10 +22,10 @@
 //! command responses on `P/commands/response` (QoS 1, not stored: see
 //! [`crate::downlink`]).
 
-use crate::downlink::{self, CloudRequest};
+use crate::downlink::{self, CloudRequest, UpMessage};
 use crate::drain::{DrainMode, DrainSchedule};
 use crate::outbox::{Leased, Outbox};
-use crate::profile::{self, GenericTopics};
+use crate::profile::{self, GenericTopics, ProfileKind, tb};
 use crate::record::Seq;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
@@ -89,7 +89,31 @@ pub struct UplinkConfig {
     pub epoch: String,
     /// sluice's version (in the status message).
     pub version: String,
+    /// Which upstream API.
+    pub profile: ProfileKind,
+    /// A device's type (profile) for `v1/gateway/connect`.
+    pub device_type: DeviceTypes,
 }
+
+/// How the uplink learns a device's type (the registry's).
+#[derive(Clone)]
+pub struct DeviceTypes(pub Arc<dyn Fn(&str) -> String + Send + Sync>);
+
+impl std::fmt::Debug for DeviceTypes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceTypes")
+    }
+}
+
+impl Default for DeviceTypes {
+    fn default() -> Self {
+        Self(Arc::new(|_| "default".to_owned()))
+    }
+}
+
+/// How long the `thingsboard` profile waits for the cloud's
+/// `getSessionLimits` answer before draining with its own limits.
+const SESSION_LIMITS_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the uplink could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +246,7 @@ enum Sent {
 /// The uplink's ends of the downlink channels.
 struct Downlink {
     requests: tokio::sync::mpsc::Sender<CloudRequest>,
-    responses: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+    responses: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<UpMessage>>,
 }
 
 enum Ended {
@@ -288,7 +312,7 @@ impl Uplink {
     pub fn with_downlink(
         mut self,
         requests: tokio::sync::mpsc::Sender<CloudRequest>,
-        responses: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        responses: tokio::sync::mpsc::Receiver<UpMessage>,
     ) -> Self {
         self.downlink = Some(Downlink {
             requests,
@@ -302,12 +326,19 @@ impl Uplink {
         let Some(d) = &self.downlink else {
             return;
         };
-        match downlink::parse(
-            &self.topics.commands,
-            &self.topics.attributes_shared,
-            topic,
-            payload,
-        ) {
+        let parsed = if self.config.profile == ProfileKind::ThingsBoard {
+            tb::parse(&self.config.gateway_id, topic, payload)
+        } else if topic == self.topics.config {
+            Ok(CloudRequest::Config(payload.to_vec()))
+        } else {
+            downlink::parse(
+                &self.topics.commands,
+                &self.topics.attributes_shared,
+                topic,
+                payload,
+            )
+        };
+        match parsed {
             Ok(req) => {
                 if d.requests.try_send(req).is_ok() {
                     self.status
@@ -331,13 +362,16 @@ impl Uplink {
         o.set_clean_session(true)
             .set_keep_alive(c.keep_alive)
             .set_inflight(u16::try_from(c.max_inflight + 2).unwrap_or(u16::MAX))
-            .set_max_packet_size(1 << 20, 1 << 28)
-            .set_last_will(LastWill::new(
+            .set_max_packet_size(1 << 20, 1 << 28);
+        // ThingsBoard shows a gateway's state itself; it has no status topic.
+        if c.profile == ProfileKind::Generic {
+            o.set_last_will(LastWill::new(
                 self.topics.status.clone(),
                 profile::status_offline(&c.epoch),
                 QoS::AtLeastOnce,
                 true,
             ));
+        }
         if let Some((u, p)) = &c.credentials {
             o.set_credentials(u.clone(), p.clone());
         }
@@ -406,11 +440,18 @@ impl Uplink {
             Some(d) => Some(d.responses.lock().await),
             None => None,
         };
+        let thingsboard = self.config.profile == ProfileKind::ThingsBoard;
+        // Limits in force: ours, lowered by what ThingsBoard answers to
+        // getSessionLimits (80 % of its maxPayloadSize, as its own SDK does).
+        let mut limits = (self.config.batch_max_bytes, self.config.max_inflight);
+        let mut limits_until: Option<tokio::time::Instant> = None;
+        let mut announced: std::collections::HashSet<String> = std::collections::HashSet::new();
 
         loop {
             if connected
                 && deadline.is_none()
                 && throttled.is_none()
+                && limits_until.is_none()
                 && let Err(e) = self
                     .fill(
                         &client,
@@ -419,6 +460,8 @@ impl Uplink {
                         &mut schedule,
                         &mut throttled,
                         &committed,
+                        limits,
+                        &mut announced,
                     )
                     .await
             {
@@ -428,7 +471,7 @@ impl Uplink {
                 self.goodbye(&client, &mut el).await;
                 return Ended::Shutdown;
             }
-            let room = pending.len() + inflight.len() < self.config.max_inflight;
+            let room = pending.len() + inflight.len() < limits.1;
             tokio::select! {
                 ev = el.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -445,20 +488,47 @@ impl Uplink {
                                 }
                             }
                         }
-                        if self.downlink.is_some() {
-                            let filters = [&self.topics.commands, &self.topics.attributes_shared]
-                                .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                        announced.clear();
+                        if thingsboard {
+                            let filters = [tb::RPC, tb::ATTRIBUTES, tb::ME_ATTRIBUTES, "v1/devices/me/attributes/response/+", "v1/devices/me/rpc/request/+", "v1/devices/me/rpc/response/+"]
+                                .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce));
                             if let Err(e) = client.try_subscribe_many(filters) {
-                                return Ended::Lost(format!("cannot subscribe to the downlink: {e}"));
+                                return Ended::Lost(format!("cannot subscribe to the gateway API: {e}"));
                             }
-                        }
-                        let online = profile::status_online(&self.config.version, &self.config.epoch);
-                        if client.try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, online).is_ok() {
-                            pending.push_back(Sent::Status);
+                            // As ThingsBoard's own gateway does: nothing is
+                            // forwarded until the limits are known (or a
+                            // few seconds passed).
+                            let topic = format!("v1/devices/me/rpc/request/{}", tb::SESSION_LIMITS_ID);
+                            if client.try_publish(topic, QoS::AtLeastOnce, false, tb::session_limits_request()).is_ok() {
+                                pending.push_back(Sent::Status);
+                                limits_until = Some(tokio::time::Instant::now() + SESSION_LIMITS_WAIT);
+                            }
+                            // The fleet configuration, if one is set for
+                            // this gateway (shared attribute sluice_config).
+                            let ask = serde_json::json!({"sharedKeys": tb::CONFIG_ATTRIBUTE}).to_string();
+                            if client.try_publish(tb::ME_ATTRIBUTES_REQUEST, QoS::AtLeastOnce, false, ask).is_ok() {
+                                pending.push_back(Sent::Status);
+                            }
+                        } else {
+                            if self.downlink.is_some() {
+                                let filters = [&self.topics.commands, &self.topics.attributes_shared, &self.topics.config]
+                                    .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                                if let Err(e) = client.try_subscribe_many(filters) {
+                                    return Ended::Lost(format!("cannot subscribe to the downlink: {e}"));
+                                }
+                            }
+                            let online = profile::status_online(&self.config.version, &self.config.epoch);
+                            if client.try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, online).is_ok() {
+                                pending.push_back(Sent::Status);
+                            }
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(sent) = pending.pop_front() {
+                        // rumqttc reports QoS 0 publishes too, with pkid 0:
+                        // they take their place in the FIFO but await no ack.
+                        if let Some(sent) = pending.pop_front()
+                            && pkid != 0
+                        {
                             inflight.insert(pkid, sent);
                         }
                     }
@@ -472,7 +542,21 @@ impl Uplink {
                             self.status.last_ack_ms.store(now_ms(), Ordering::Relaxed);
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_downlink(&p.topic, &p.payload),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if thingsboard && p.topic == format!("{}{}", tb::ME_RPC_RESPONSE, tb::SESSION_LIMITS_ID) {
+                            let (bytes, inflight_max) = tb::session_limits(&p.payload);
+                            if let Some(b) = bytes {
+                                limits.0 = limits.0.min(b * 8 / 10).max(1024);
+                            }
+                            if let Some(n) = inflight_max {
+                                limits.1 = limits.1.min(n).max(1);
+                            }
+                            tracing::info!(batch_max_bytes = limits.0, max_inflight = limits.1, "ThingsBoard session limits applied");
+                            limits_until = None;
+                        } else {
+                            self.on_downlink(&p.topic, &p.payload);
+                        }
+                    }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
                             tracing::warn!("the broker refused a downlink subscription (P/commands or P/attributes/shared): commands will not arrive");
@@ -482,8 +566,19 @@ impl Uplink {
                     Err(e) => return Ended::Lost(describe(&e)),
                 },
                 r = recv_opt(&mut responses), if connected && deadline.is_none() => {
-                    if let Some(payload) = r {
-                        match client.try_publish(self.topics.commands_response.clone(), QoS::AtLeastOnce, false, payload) {
+                    if let Some(msg) = r {
+                        let (topic, qos, retain, payload) = match (thingsboard, msg) {
+                            (false, UpMessage::CommandResponse(p)) => (self.topics.commands_response.clone(), QoS::AtLeastOnce, false, p),
+                            (false, UpMessage::Health(p)) => (self.topics.health.clone(), QoS::AtLeastOnce, false, p),
+                            (false, UpMessage::ConfigState(p)) => (self.topics.config_state.clone(), QoS::AtLeastOnce, true, p),
+                            (true, UpMessage::CommandResponse(p)) => match tb::response(&self.config.gateway_id, &p) {
+                                Some((t, p)) => (t, QoS::AtLeastOnce, false, p),
+                                None => continue,
+                            },
+                            (true, UpMessage::Health(p)) => (tb::ME_TELEMETRY.to_owned(), QoS::AtLeastOnce, false, p),
+                            (true, UpMessage::ConfigState(p)) => (tb::ME_ATTRIBUTES.to_owned(), QoS::AtLeastOnce, false, tb::config_state(&p)),
+                        };
+                        match client.try_publish(topic, qos, retain, payload) {
                             Ok(()) => {
                                 pending.push_back(Sent::Response);
                                 self.status.responses_sent.fetch_add(1, Ordering::Relaxed);
@@ -510,6 +605,10 @@ impl Uplink {
                 () = sleep_until_opt(throttled), if throttled.is_some() => {
                     throttled = None;
                 }
+                () = sleep_until_opt(limits_until), if limits_until.is_some() => {
+                    tracing::warn!("no getSessionLimits answer from ThingsBoard; draining with the configured limits");
+                    limits_until = None;
+                }
                 () = sleep_until_opt(deadline) => {
                     tracing::warn!(unacked = inflight.len() + pending.len(), "shutdown grace over; unacked records stay in the outbox");
                     return Ended::Shutdown;
@@ -521,6 +620,7 @@ impl Uplink {
     /// Leases and publishes new records while the in-flight window has room,
     /// taking streams in the schedule's weighted order and within the byte
     /// rate cap (setting `throttled` when over it).
+    #[allow(clippy::too_many_arguments)]
     async fn fill(
         &self,
         client: &AsyncClient,
@@ -529,8 +629,11 @@ impl Uplink {
         schedule: &mut DrainSchedule,
         throttled: &mut Option<tokio::time::Instant>,
         committed: &tokio::sync::watch::Receiver<Seq>,
+        (batch_max_bytes, max_inflight): (usize, usize),
+        announced: &mut std::collections::HashSet<String>,
     ) -> Result<(), String> {
-        while pending.len() + inflight < self.config.max_inflight {
+        let thingsboard = self.config.profile == ProfileKind::ThingsBoard;
+        while pending.len() + inflight < max_inflight {
             let high = *committed.borrow();
             let Some(pick) = schedule.next(high) else {
                 break;
@@ -541,7 +644,7 @@ impl Uplink {
                     Some(&pick.stream),
                     pick.after,
                     self.config.batch_max_records,
-                    self.config.batch_max_bytes as u64,
+                    batch_max_bytes as u64,
                     pick.filter,
                 )
                 .await
@@ -557,17 +660,23 @@ impl Uplink {
                 continue;
             }
             let attributes = pick.stream == ATTRIBUTES_STREAM;
-            let encode = if attributes {
-                profile::attributes_payload
+            let (payload, n) = if thingsboard {
+                tb::batch_payload(&leased, batch_max_bytes, !attributes)
+            } else if attributes {
+                profile::attributes_payload(
+                    &self.config.gateway_id,
+                    &self.config.epoch,
+                    &leased,
+                    batch_max_bytes,
+                )
             } else {
-                profile::telemetry_payload
-            };
-            let (payload, n) = encode(
-                &self.config.gateway_id,
-                &self.config.epoch,
-                &leased,
-                self.config.batch_max_bytes,
-            )
+                profile::telemetry_payload(
+                    &self.config.gateway_id,
+                    &self.config.epoch,
+                    &leased,
+                    batch_max_bytes,
+                )
+            }
             .map_err(|e| format!("cannot encode a batch: {e}"))?;
             if let Err(at) = schedule.spend(payload.len(), Instant::now()) {
                 *throttled = Some(tokio::time::Instant::from_std(at));
@@ -579,13 +688,33 @@ impl Uplink {
             } else {
                 seqs[n - 1]
             };
-            let topic = if attributes {
-                &self.topics.attributes
-            } else {
-                &self.topics.telemetry
+            if thingsboard {
+                // v1/gateway/connect for each device first seen on this
+                // connection, before its data.
+                for l in &leased[..n] {
+                    let dev = l.record.device.as_str();
+                    if announced.insert(dev.to_owned()) {
+                        let kind = (self.config.device_type.0)(dev);
+                        client
+                            .try_publish(
+                                tb::CONNECT,
+                                QoS::AtLeastOnce,
+                                false,
+                                tb::connect_payload(dev, &kind),
+                            )
+                            .map_err(|e| format!("cannot queue a publish: {e}"))?;
+                        pending.push_back(Sent::Status);
+                    }
+                }
+            }
+            let topic = match (thingsboard, attributes) {
+                (true, true) => tb::ATTRIBUTES.to_owned(),
+                (true, false) => tb::TELEMETRY.to_owned(),
+                (false, true) => self.topics.attributes.clone(),
+                (false, false) => self.topics.telemetry.clone(),
             };
             client
-                .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
                 .map_err(|e| format!("cannot queue a publish: {e}"))?;
             pending.push_back(Sent::Batch(seqs));
             schedule.advanced(&pick.stream, pick.part, sent_to);
@@ -596,6 +725,18 @@ impl Uplink {
     /// Publishes the offline status (the will is not sent on a clean
     /// disconnect) and disconnects, within a short bound.
     async fn goodbye(&self, client: &AsyncClient, el: &mut EventLoop) {
+        if self.config.profile == ProfileKind::ThingsBoard {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while !matches!(
+                    el.poll().await,
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)
+                ) {}
+            })
+            .await;
+            self.status.connected.store(false, Ordering::Relaxed);
+            return;
+        }
         let offline = profile::status_offline(&self.config.epoch);
         if client
             .try_publish(self.topics.status.clone(), QoS::AtLeastOnce, true, offline)
@@ -625,8 +766,8 @@ impl Uplink {
 const ATTRIBUTES_STREAM: &str = "attributes";
 
 async fn recv_opt(
-    rx: &mut Option<tokio::sync::MutexGuard<'_, tokio::sync::mpsc::Receiver<Vec<u8>>>>,
-) -> Option<Vec<u8>> {
+    rx: &mut Option<tokio::sync::MutexGuard<'_, tokio::sync::mpsc::Receiver<UpMessage>>>,
+) -> Option<UpMessage> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
