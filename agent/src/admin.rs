@@ -136,6 +136,10 @@ impl AdminContext {
                 "downlink_refused": u.downlink_refused(),
                 "responses_sent": u.responses_sent(),
                 "responses_dropped": u.responses_dropped(),
+                "client_cert_not_after": u.client_cert_not_after(),
+                "client_cert_expires_in_s": u.client_cert_not_after().map(|t| t - now.div_euclid(1000)),
+                "tls_reloads": u.tls_reloads(),
+                "tls_reload_failures": u.tls_reload_failures(),
             }),
         };
         let commands = serde_json::to_value(&self.router.stats).unwrap_or(Json::Null);
@@ -154,6 +158,7 @@ impl AdminContext {
                 "observers": self.coap_observers.count(),
             },
             "commands_pending": self.router.pending(),
+            "commands_parked": self.router.parked(),
             "rules": serde_json::to_value(self.pipeline.counters().await).unwrap_or(Json::Null),
         })
     }

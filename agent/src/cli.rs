@@ -778,6 +778,7 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
                 outln!("state    {}", if d.revoked { "revoked" } else { "active" });
                 outln!("created  {} (unix ms)", d.created_ms);
                 outln!("cert     {}", d.cert_sha256.as_deref().unwrap_or("-"));
+                outln!("source   {}", d.source);
             }
         }
         DevicesCmd::Revoke { name } => {
@@ -831,6 +832,16 @@ fn print_status(st: &Json) {
                 .map(|e| format!(", last error: {e}"))
                 .unwrap_or_default()
         );
+        if let Some(left) = st
+            .pointer("/uplink/client_cert_expires_in_s")
+            .and_then(Json::as_i64)
+        {
+            if left < 0 {
+                outln!("         client certificate EXPIRED {}s ago", -left);
+            } else {
+                outln!("         client certificate expires in {left}s");
+            }
+        }
     } else {
         outln!("uplink   offline mode (no [cloud] configured)");
     }

@@ -32,6 +32,14 @@ pub enum ConfigError {
     /// (`rules[0].actions[1].max: …`).
     #[error(transparent)]
     Rules(#[from] crate::rules::RuleConfigError),
+    /// A `[[devices]]` entry is invalid (`devices[0].token_sha256: …`).
+    #[error("{key}: {problem}")]
+    Device {
+        /// The dotted key with its index.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A `[[mqtt.mappings]]` entry is invalid (`mqtt.mappings[0].topic: …`).
     #[error("{key}: {problem}")]
     Mapping {
@@ -163,6 +171,112 @@ pub struct RawConfig {
     pub mqtt: crate::mqtt::mapping::RawMqttSection,
     /// `[fleet]`; absent means fleet configuration is off.
     pub fleet: Option<RawFleet>,
+    /// `[[devices]]`: devices provisioned by configuration (merged into the
+    /// registry at start).
+    pub devices: Vec<RawDevice>,
+}
+
+/// A `[[devices]]` entry: a device provisioned by configuration (the local
+/// file or a signed fleet configuration). Only hashes, never a token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDevice {
+    /// Device name.
+    pub name: String,
+    /// Type (device profile).
+    #[serde(rename = "type", default = "default_device_type")]
+    pub kind: String,
+    /// SHA-256 of the access token, 64 hex digits.
+    pub token_sha256: String,
+    /// SHA-256 of the device's TLS client certificate (DER), for mTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
+    /// Glob of device names it may publish for on mapped legacy topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_for: Option<String>,
+}
+
+fn default_device_type() -> String {
+    "default".into()
+}
+
+/// Validates `[[devices]]`: names, types and globs as the CLI takes them,
+/// hashes as 64 hex digits, no name, token hash or fingerprint twice.
+fn validate_devices(raw: &[RawDevice]) -> Result<Vec<crate::registry::ConfigDevice>, ConfigError> {
+    use crate::registry::{parse_cert_sha256, valid_glob, valid_ident};
+    let mut out: Vec<crate::registry::ConfigDevice> = Vec::new();
+    for (i, d) in raw.iter().enumerate() {
+        let bad = |field: &str, problem: String| ConfigError::Device {
+            key: format!("devices[{i}].{field}"),
+            problem,
+        };
+        if !valid_ident(&d.name) {
+            return Err(bad(
+                "name",
+                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", d.name),
+            ));
+        }
+        if !valid_ident(&d.kind) {
+            return Err(bad(
+                "type",
+                format!("{:?} must be 1-64 characters of A-Z a-z 0-9 - _ .", d.kind),
+            ));
+        }
+        // Colons are not taken here: a token hash is sha256sum's output.
+        let token_sha256 = (d.token_sha256.len() == 64)
+            .then(|| parse_cert_sha256(&d.token_sha256).ok())
+            .flatten()
+            .ok_or_else(|| {
+                bad(
+                    "token_sha256",
+                    "must be the SHA-256 of the access token as 64 hex digits \
+                     (printf %s TOKEN | sha256sum), never the token itself"
+                        .into(),
+                )
+            })?;
+        let cert_sha256 = match &d.cert_sha256 {
+            None => None,
+            Some(c) => Some(parse_cert_sha256(c).map_err(|_| {
+                bad(
+                    "cert_sha256",
+                    format!("{c:?} is not a SHA-256 fingerprint of 64 hex digits (colons allowed)"),
+                )
+            })?),
+        };
+        if let Some(g) = &d.bridge_for
+            && !valid_glob(g)
+        {
+            return Err(bad(
+                "bridge_for",
+                format!("{g:?} must be 1-64 characters of A-Z a-z 0-9 - _ . * ?"),
+            ));
+        }
+        if let Some(j) = out.iter().position(|o| o.name == d.name) {
+            return Err(bad("name", format!("{:?} is also devices[{j}]", d.name)));
+        }
+        if let Some(j) = out.iter().position(|o| o.token_sha256 == token_sha256) {
+            return Err(bad(
+                "token_sha256",
+                format!("the same token as devices[{j}]"),
+            ));
+        }
+        if let Some(fp) = cert_sha256
+            && let Some(j) = out.iter().position(|o| o.cert_sha256 == Some(fp))
+        {
+            return Err(bad(
+                "cert_sha256",
+                format!("the same certificate as devices[{j}]"),
+            ));
+        }
+        out.push(crate::registry::ConfigDevice {
+            name: d.name.clone(),
+            kind: d.kind.clone(),
+            token_sha256,
+            cert_sha256,
+            bridge_for: d.bridge_for.clone(),
+        });
+    }
+    Ok(out)
 }
 
 /// `[fleet]`: signed configuration pushed from the cloud.
@@ -550,6 +664,9 @@ pub struct RawCloud {
     pub cert_file: Option<PathBuf>,
     /// Client key (mutual TLS).
     pub key_file: Option<PathBuf>,
+    /// ALPN protocols offered in the TLS handshake (`x-amzn-mqtt-ca` for AWS
+    /// IoT Core on port 443); empty offers none.
+    pub alpn: Vec<String>,
     /// MQTT client id; default the gateway id.
     pub client_id: Option<String>,
     /// MQTT username.
@@ -579,6 +696,8 @@ pub struct RawCloud {
     /// How long a command from `P/commands` waits for the device's answer
     /// when it carries no `expires_ms`.
     pub command_timeout: DurationValue,
+    /// MQTT version to the broker: "3.1.1" or "5".
+    pub mqtt_version: String,
 }
 
 impl Default for RawCloud {
@@ -590,6 +709,7 @@ impl Default for RawCloud {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            alpn: Vec::new(),
             client_id: None,
             username: None,
             password_file: None,
@@ -604,6 +724,7 @@ impl Default for RawCloud {
             backoff_max: DurationValue::Text("60s".into()),
             shutdown_grace: DurationValue::Text("5s".into()),
             command_timeout: DurationValue::Text("30s".into()),
+            mqtt_version: "3.1.1".into(),
         }
     }
 }
@@ -756,6 +877,8 @@ pub struct CloudConfig {
     pub command_timeout: Duration,
     /// Upstream API.
     pub profile: sluice_cloud_sync::profile::ProfileKind,
+    /// MQTT version to the broker.
+    pub mqtt_version: sluice_cloud_sync::uplink::MqttVersion,
 }
 
 /// Log output format.
@@ -786,6 +909,8 @@ pub struct Config {
     pub mqtt_mappings: Vec<crate::mqtt::mapping::Mapping>,
     /// Fleet configuration, if on.
     pub fleet: Option<FleetConfig>,
+    /// Devices provisioned by configuration (`[[devices]]`).
+    pub devices: Vec<crate::registry::ConfigDevice>,
     /// The file this was loaded from (empty when built in code).
     pub source: PathBuf,
     /// The version of the fleet configuration layered in, if any.
@@ -977,6 +1102,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
         Some(f) => Some(validate_fleet(f)?),
     };
+    let devices = validate_devices(&raw.devices)?;
 
     let o = &raw.outbox;
     let max_bytes = parse_size(&o.max_bytes)
@@ -1137,6 +1263,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         coap,
         mqtt_mappings,
         fleet,
+        devices,
         source: PathBuf::new(),
         fleet_version: None,
         outbox,
@@ -1312,9 +1439,16 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
                 ));
             }
         };
+        if let Some(p) = c.alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
+            return Err(invalid(
+                "cloud.alpn",
+                format!("{p:?} must be 1 to 255 bytes long"),
+            ));
+        }
         Some(UplinkTls {
             ca_file,
             client_cert,
+            alpn: c.alpn.clone(),
         })
     } else {
         if c.cert_file.is_some() || c.key_file.is_some() {
@@ -1322,6 +1456,9 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
                 "cloud.cert_file",
                 "a client certificate needs an mqtts:// URL",
             ));
+        }
+        if !c.alpn.is_empty() {
+            return Err(invalid("cloud.alpn", "ALPN needs an mqtts:// URL"));
         }
         None
     };
@@ -1404,6 +1541,16 @@ fn validate_cloud(c: &RawCloud, gateway_id: &str) -> Result<CloudConfig, ConfigE
         drain,
         backoff: (backoff_min, backoff_max),
         shutdown_grace: dur("cloud.shutdown_grace", &c.shutdown_grace)?,
+        mqtt_version: match c.mqtt_version.as_str() {
+            "3.1.1" | "4" => sluice_cloud_sync::uplink::MqttVersion::V311,
+            "5" | "5.0" => sluice_cloud_sync::uplink::MqttVersion::V5,
+            other => {
+                return Err(invalid(
+                    "cloud.mqtt_version",
+                    format!("{other:?} is not \"3.1.1\" or \"5\""),
+                ));
+            }
+        },
         profile: if c.profile == "thingsboard" {
             sluice_cloud_sync::profile::ProfileKind::ThingsBoard
         } else {
@@ -1483,6 +1630,90 @@ mod tests {
     fn an_unknown_key_is_refused_by_name() {
         let e = raw("[gateway]\nid = \"g\"\n[outbox]\nmax_byte = \"1MiB\"\n").unwrap_err();
         assert!(e.to_string().contains("max_byte"), "{e}");
+    }
+
+    #[test]
+    fn devices_carry_token_hashes_and_bad_entries_name_their_index_and_field() {
+        let h = |c: char| c.to_string().repeat(64);
+        let c = raw(&format!(
+            "[gateway]\nid = \"g\"\n[[devices]]\nname = \"d1\"\ntoken_sha256 = \"{}\"\n\
+             [[devices]]\nname = \"d2\"\ntype = \"sensor\"\ntoken_sha256 = \"{}\"\n\
+             cert_sha256 = \"{}\"\nbridge_for = \"room-*\"\n",
+            h('a'),
+            h('B'),
+            h('c')
+        ))
+        .unwrap();
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(
+            (c.devices[0].kind.as_str(), c.devices[0].token_sha256),
+            ("default", [0xaa; 32])
+        );
+        assert_eq!(c.devices[1].token_sha256, [0xbb; 32]);
+        assert_eq!(c.devices[1].cert_sha256, Some([0xcc; 32]));
+        assert_eq!(c.devices[1].bridge_for.as_deref(), Some("room-*"));
+
+        let err = |entries: &str| {
+            raw(&format!("[gateway]\nid = \"g\"\n{entries}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[[devices]]\nname = \"d1\"\ntoken_sha256 = \"plain-token\"\n");
+        assert!(
+            e.starts_with("devices[0].token_sha256: must be the SHA-256"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "[[devices]]\nname = \"d1\"\ntoken_sha256 = \"{}\"\n\
+             [[devices]]\nname = \"d 2\"\ntoken_sha256 = \"{}\"\n",
+            h('a'),
+            h('b')
+        ));
+        assert!(e.starts_with("devices[1].name:"), "{e}");
+        let e = err(&format!(
+            "[[devices]]\nname = \"d1\"\ntoken_sha256 = \"{}\"\n\
+             [[devices]]\nname = \"d1\"\ntoken_sha256 = \"{}\"\n",
+            h('a'),
+            h('b')
+        ));
+        assert_eq!(e, "devices[1].name: \"d1\" is also devices[0]");
+        let e = err(&format!(
+            "[[devices]]\nname = \"d1\"\ntoken_sha256 = \"{}\"\n\
+             [[devices]]\nname = \"d2\"\ntoken_sha256 = \"{}\"\n",
+            h('a'),
+            h('A')
+        ));
+        assert_eq!(e, "devices[1].token_sha256: the same token as devices[0]");
+        let e = err(&format!(
+            "[[devices]]\nname = \"d1\"\ntoken_sha256 = \"{}\"\ncert_sha256 = \"xyz\"\n",
+            h('a')
+        ));
+        assert!(e.starts_with("devices[0].cert_sha256:"), "{e}");
+        let e = err(&format!(
+            "[[devices]]\nname = \"d1\"\ntoken_sha256 = \"{}\"\ntoken = \"t\"\n",
+            h('a')
+        ));
+        assert!(e.contains("token"), "unknown keys are refused: {e}");
+    }
+
+    #[test]
+    fn fleet_devices_replace_the_files_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sluice.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[gateway]\nid = \"g\"\n[[devices]]\nname = \"local\"\ntoken_sha256 = \"{}\"\n",
+                "a".repeat(64)
+            ),
+        )
+        .unwrap();
+        let fleet = serde_json::json!({"devices": [
+            {"name": "cloud", "type": "sensor", "token_sha256": "b".repeat(64)}
+        ]});
+        let c = load_with_fleet(&p, &fleet.to_string()).unwrap();
+        let names: Vec<&str> = c.devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["cloud"]);
     }
 
     #[test]
@@ -1588,5 +1819,26 @@ mod tests {
         );
         let e = raw("[gateway]\nid = \"g1\"\n[cloud]\nurl = \"http://x\"\n").unwrap_err();
         assert!(e.to_string().starts_with("cloud.url:"), "{e}");
+    }
+
+    #[test]
+    fn cloud_alpn_is_checked_and_passed_to_tls() {
+        let c = raw("[gateway]\nid = \"g1\"\n[cloud]\nurl = \"mqtts://b:443\"\nalpn = [\"x-amzn-mqtt-ca\"]\n")
+            .unwrap()
+            .cloud
+            .unwrap();
+        assert_eq!(c.tls.unwrap().alpn, vec!["x-amzn-mqtt-ca".to_owned()]);
+        let long = "a".repeat(256);
+        for (url, alpn) in [
+            ("mqtts://b", "\"\""),
+            ("mqtts://b", &format!("\"{long}\"")),
+            ("mqtt://b", "\"mqtt\""),
+        ] {
+            let e = raw(&format!(
+                "[gateway]\nid = \"g1\"\n[cloud]\nurl = \"{url}\"\nalpn = [{alpn}]\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().starts_with("cloud.alpn:"), "{e}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The composition root: `sluice run`. Reading this function tells the whole
 //! data flow: HTTP, MQTT and MQTT-over-TLS listeners → registry (auth: token or
-//! client certificate; a reload closes revoked sessions) → ThingsBoard JSON decoder →
+//! client certificate; `[[devices]]` merged in at start; a reload closes
+//! revoked sessions) → ThingsBoard JSON decoder →
 //! outbox (group commit, ack after commit) → uplink (PUBACK → delete); the
 //! admin socket reads everyone's figures.
 //!
@@ -69,6 +70,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let admin_listener = admin::bind(&cfg.admin_socket)?;
     let epoch = statedb::epoch(&statedb::open(&cfg.state_db_path())?)
         .context("reading the gateway epoch")?;
+    provision_devices(&cfg).await?;
     let registry = Arc::new(Registry::load(&cfg.state_db_path())?);
     let clock = Arc::new(Clock::new(cfg.clock));
     if !clock.trusted() {
@@ -293,6 +295,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
                     epoch: epoch.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     profile: c.profile,
+                    mqtt_version: c.mqtt_version,
                     device_type: {
                         let registry = registry.clone();
                         sluice_cloud_sync::uplink::DeviceTypes(Arc::new(move |d: &str| {
@@ -499,6 +502,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let _ = std::fs::remove_file(&cfg.admin_socket);
     tracing::info!("stopped");
     Ok(exit)
+}
+
+/// Merges the configuration's `[[devices]]` into the registry before it is
+/// loaded; a fleet configuration is applied by running this again, so
+/// this is also where its devices arrive and its removed ones are revoked.
+///
+/// Fails when state.db cannot be read or written.
+async fn provision_devices(cfg: &Config) -> anyhow::Result<()> {
+    let state_db = cfg.state_db_path();
+    let devices = cfg.devices.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        crate::registry::RegistryDb::open(&state_db)?.provision(&devices)
+    })
+    .await
+    .context("provisioning [[devices]]")?
+    .context("provisioning [[devices]]")?;
+    if !(report.added.is_empty() && report.updated.is_empty() && report.revoked.is_empty()) {
+        tracing::info!(
+            added = ?report.added,
+            updated = ?report.updated,
+            revoked = ?report.revoked,
+            "devices provisioned by configuration"
+        );
+    }
+    for (device, reason) in &report.skipped {
+        tracing::warn!(%device, reason = %reason, "a [[devices]] entry was not applied");
+    }
+    Ok(())
 }
 
 /// Serves `router` on `tcp` until `cancel`, then lets in-flight requests

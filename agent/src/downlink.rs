@@ -2,14 +2,21 @@
 //! attributes) goes to the device's live session; the device's answers go
 //! back up.
 //!
-//! Commands (`P/commands`): the target must be an active device with a live
-//! MQTT session subscribed to `v1/devices/me/rpc/request/+`; otherwise the
-//! cloud gets an error at once (`unknown_device`, or `offline`). A
-//! delivered command gets a device-facing integer id (a gateway-wide
-//! counter, so ids never repeat while a command is pending) and waits for
-//! `v1/devices/me/rpc/response/{id}` from that same device until its
-//! deadline (`expires_ms`, else `cloud.command_timeout`); then the cloud
-//! gets `timeout`. The answer goes up as `result` when it is JSON, else as a
+//! Commands (`P/commands`): the target must be an active device, else the
+//! cloud gets `unknown_device` at once. Each command has one deadline,
+//! `expires_ms` (else `cloud.command_timeout`) from its arrival. A device
+//! that is not listening for commands on any channel (MQTT subscribed to
+//! `v1/devices/me/rpc/request/+`, CoAP Observe of `rpc`, HTTP long poll of
+//! `rpc`) has its commands parked, in arrival order and bounded (per device
+//! and in all; past a cap the command is refused with `offline` at once);
+//! every expiry tick retries them, so one is delivered within a tick of
+//! the device starting to listen, and one still parked at its deadline
+//! fails with `offline`. A delivered command gets a device-facing integer
+//! id (a gateway-wide counter, so ids never repeat while a command is
+//! pending) and waits for `v1/devices/me/rpc/response/{id}` from that same
+//! device until the same deadline; then the cloud gets `timeout`.
+//! Parked and pending commands live in memory only. The answer goes up as
+//! `result` when it is JSON, else as a
 //! `device_error` carrying the text. Answers from a different device, for an
 //! unknown id, or after the deadline are dropped (counted).
 //!
@@ -33,7 +40,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use sluice_cloud_sync::downlink::{self, CloudRequest, Command, CommandError, UpMessage};
 use sluice_cloud_sync::{DeviceName, UplinkStatus};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,11 +52,38 @@ use tokio_util::sync::CancellationToken;
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// Most commands waiting for answers at once; more are refused as offline.
 const MAX_PENDING: usize = 10_000;
+/// Most commands waiting for one device to start listening.
+const MAX_PARKED_PER_DEVICE: usize = 64;
+/// Most commands waiting for devices to start listening, in all.
+const MAX_PARKED: usize = 4096;
+
+/// A command waiting for its device to listen for commands.
+struct Parked {
+    command: Command,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// Commands waiting for their devices, in arrival order per device.
+#[derive(Default)]
+struct ParkedCommands {
+    by_device: HashMap<DeviceName, VecDeque<Parked>>,
+    len: usize,
+}
 
 struct Pending {
     cloud_id: Json,
     deadline: Instant,
     timeout: Duration,
+}
+
+/// How one delivery attempt went.
+enum Delivery {
+    Sent,
+    /// Not deliverable at all: fail the command with this message.
+    Refused(&'static str),
+    /// The channel took nothing (a session closing): try again later.
+    NotReading,
 }
 
 /// A way to reach connected devices (one per protocol).
@@ -74,6 +108,8 @@ pub struct RouterStats {
     pub answered: AtomicU64,
     /// Commands that ended in an error reply (offline, unknown, timeout…).
     pub failed: AtomicU64,
+    /// Commands that had to wait for their device to start listening.
+    pub parked: AtomicU64,
     /// Device answers that matched no pending command.
     pub stray_answers: AtomicU64,
     /// Shared-attribute updates taken (from the cloud or the CLI).
@@ -93,6 +129,7 @@ pub struct Router {
     uplink: Option<Arc<UplinkStatus>>,
     default_timeout: Duration,
     pending: Mutex<HashMap<(DeviceName, u32), Pending>>,
+    parked: Mutex<ParkedCommands>,
     fleet: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     /// The gateway id and where commands addressed to it go.
     gateway: Mutex<Option<(String, mpsc::Sender<Command>)>>,
@@ -124,6 +161,7 @@ impl Router {
             uplink,
             default_timeout,
             pending: Mutex::new(HashMap::new()),
+            parked: Mutex::new(ParkedCommands::default()),
             fleet: Mutex::new(None),
             gateway: Mutex::new(None),
             next_id: AtomicU32::new(1),
@@ -255,28 +293,150 @@ impl Router {
                 "no active device of that name",
             );
         }
-        let subs: Vec<(usize, Subscriptions)> = self
-            .channels
-            .iter()
-            .enumerate()
-            .filter_map(|(i, ch)| ch.subscriptions(&device).map(|s| (i, s)))
-            .collect();
-        let Some(channel) = subs
-            .iter()
-            .find(|(_, s)| s.rpc)
-            .map(|(i, _)| self.channels[*i].clone())
-        else {
-            let message = if subs.is_empty() {
-                "the device has no live session"
-            } else {
-                "the device is connected but does not listen for commands \
-                 (MQTT v1/devices/me/rpc/request/+, CoAP Observe on rpc)"
-            };
-            return self.fail(&c.id, &c.device, CommandError::Offline, message);
-        };
         let timeout = c
             .expires_ms
             .map_or(self.default_timeout, Duration::from_millis);
+        if self.command_channel(&device).0.is_none() {
+            self.stats.parked.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%device, method = %c.method, "command waits for the device to listen");
+        }
+        let parked = Parked {
+            command: c,
+            deadline: Instant::now() + timeout,
+            timeout,
+        };
+        let refused = match self.parked.lock() {
+            Ok(mut g) => {
+                let total = g.len;
+                let queue = g.by_device.entry(device.clone()).or_default();
+                if queue.len() >= MAX_PARKED_PER_DEVICE {
+                    Some((
+                        parked,
+                        "too many commands are waiting for this device to come online",
+                    ))
+                } else if total >= MAX_PARKED {
+                    Some((
+                        parked,
+                        "too many commands are waiting for devices to come online",
+                    ))
+                } else {
+                    queue.push_back(parked);
+                    g.len += 1;
+                    None
+                }
+            }
+            Err(_) => Some((parked, "the gateway's command queue is unusable")),
+        };
+        if let Some((p, message)) = refused {
+            // An entry made for a device that could take nothing is
+            // dropped by the next retry.
+            return self.fail(
+                &p.command.id,
+                &p.command.device,
+                CommandError::Offline,
+                message,
+            );
+        }
+        // Delivered now when the device listens; behind its older commands
+        // otherwise, so a device sees its commands in arrival order.
+        self.retry_parked(Some(&device), Instant::now());
+    }
+
+    /// The first channel where `device` listens for commands, and whether it
+    /// is connected at all (for the message when it never listens).
+    fn command_channel(&self, device: &DeviceName) -> (Option<Arc<dyn DeviceChannel>>, bool) {
+        let mut connected = false;
+        for ch in &self.channels {
+            if let Some(s) = ch.subscriptions(device) {
+                if s.rpc {
+                    return (Some(ch.clone()), true);
+                }
+                connected = true;
+            }
+        }
+        (None, connected)
+    }
+
+    /// Delivers the parked commands of `only` (else of every device) whose
+    /// device now listens, fails those past their deadline (`offline`) or
+    /// whose device is no longer active (`unknown_device`).
+    fn retry_parked(&self, only: Option<&DeviceName>, now: Instant) {
+        let mut failed: Vec<(Parked, CommandError, String)> = Vec::new();
+        let mut delivered = Vec::new();
+        {
+            let Ok(mut g) = self.parked.lock() else {
+                return;
+            };
+            let devices: Vec<DeviceName> = match only {
+                Some(d) => vec![d.clone()],
+                None => g.by_device.keys().cloned().collect(),
+            };
+            for device in devices {
+                let Some(mut queue) = g.by_device.remove(&device) else {
+                    continue;
+                };
+                let before = queue.len();
+                if !self.registry.is_active(&device) {
+                    failed.extend(queue.drain(..).map(|p| {
+                        (
+                            p,
+                            CommandError::UnknownDevice,
+                            "the device was revoked or removed while the command waited".into(),
+                        )
+                    }));
+                } else {
+                    let (mut channel, connected) = self.command_channel(&device);
+                    while let Some(p) = queue.pop_front() {
+                        if p.deadline <= now {
+                            let message = if connected {
+                                format!(
+                                    "the device is connected but did not listen for commands \
+                                     (MQTT v1/devices/me/rpc/request/+, CoAP Observe on rpc, \
+                                     HTTP GET rpc) within {} ms",
+                                    p.timeout.as_millis()
+                                )
+                            } else {
+                                format!(
+                                    "the device did not come online within {} ms",
+                                    p.timeout.as_millis()
+                                )
+                            };
+                            failed.push((p, CommandError::Offline, message));
+                            continue;
+                        }
+                        let Some(ch) = &channel else {
+                            queue.push_front(p);
+                            break;
+                        };
+                        match self.deliver(&device, ch.as_ref(), &p) {
+                            Delivery::Sent => delivered.push(device.clone()),
+                            Delivery::Refused(message) => {
+                                failed.push((p, CommandError::Offline, message.into()));
+                            }
+                            Delivery::NotReading => {
+                                // Its session is going away: wait for the next.
+                                queue.push_front(p);
+                                channel = None;
+                            }
+                        }
+                    }
+                }
+                g.len -= before - queue.len();
+                if !queue.is_empty() {
+                    g.by_device.insert(device, queue);
+                }
+            }
+        }
+        for (p, error, message) in failed {
+            self.fail(&p.command.id, &p.command.device, error, &message);
+        }
+        for device in delivered {
+            tracing::debug!(%device, "command delivered");
+        }
+    }
+
+    /// Pushes one command to `device` on `channel`, pending its answer.
+    fn deliver(&self, device: &DeviceName, channel: &dyn DeviceChannel, p: &Parked) -> Delivery {
         let id = loop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             if id != 0 {
@@ -285,40 +445,29 @@ impl Router {
         };
         {
             let Ok(mut g) = self.pending.lock() else {
-                return;
+                return Delivery::Refused("the gateway's command table is unusable");
             };
             if g.len() >= MAX_PENDING {
-                drop(g);
-                return self.fail(
-                    &c.id,
-                    &c.device,
-                    CommandError::Offline,
-                    "too many commands pending at the gateway",
-                );
+                return Delivery::Refused("too many commands pending at the gateway");
             }
             g.insert(
                 (device.clone(), id),
                 Pending {
-                    cloud_id: c.id.clone(),
-                    deadline: Instant::now() + timeout,
-                    timeout,
+                    cloud_id: p.command.id.clone(),
+                    deadline: p.deadline,
+                    timeout: p.timeout,
                 },
             );
         }
-        let body = serde_json::json!({"method": c.method, "params": c.params});
-        if channel.push(&device, Push::Rpc { id, body }).is_err() {
+        let body = serde_json::json!({"method": p.command.method, "params": p.command.params});
+        if channel.push(device, Push::Rpc { id, body }).is_err() {
             if let Ok(mut g) = self.pending.lock() {
                 g.remove(&(device.clone(), id));
             }
-            return self.fail(
-                &c.id,
-                &c.device,
-                CommandError::Offline,
-                "the device's session closed or is not reading",
-            );
+            return Delivery::NotReading;
         }
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%device, id, method = %c.method, "command delivered");
+        Delivery::Sent
     }
 
     /// A device's answer to command `id`; `false` when none is pending.
@@ -384,6 +533,11 @@ impl Router {
         self.pending.lock().map_or(0, |g| g.len())
     }
 
+    /// Commands waiting for their device to start listening.
+    pub fn parked(&self) -> usize {
+        self.parked.lock().map_or(0, |g| g.len)
+    }
+
     /// Routes `requests` until `cancel` (or until the uplink drops its end),
     /// and times out pending commands.
     pub async fn run(
@@ -401,7 +555,11 @@ impl Router {
                     Some(req) => self.handle(req),
                     None => open = false,
                 },
-                _ = tick.tick() => self.expire(Instant::now()),
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    self.retry_parked(None, now);
+                    self.expire(now);
+                }
             }
         }
     }
@@ -430,11 +588,142 @@ mod tests {
         }
     }
 
+    /// A channel where devices listen for commands only while `listening`;
+    /// records the methods it delivers.
+    #[derive(Default)]
+    struct Switch {
+        listening: std::sync::atomic::AtomicBool,
+        methods: Mutex<Vec<String>>,
+    }
+
+    impl DeviceChannel for Switch {
+        fn subscriptions(&self, _: &DeviceName) -> Option<Subscriptions> {
+            self.listening
+                .load(Ordering::Relaxed)
+                .then(|| Subscriptions {
+                    rpc: true,
+                    ..Subscriptions::default()
+                })
+        }
+        fn push(&self, _: &DeviceName, push: Push) -> Result<(), PushError> {
+            if let Push::Rpc { body, .. } = push {
+                let method = body["method"].as_str().unwrap_or_default().to_owned();
+                self.methods.lock().unwrap().push(method);
+            }
+            Ok(())
+        }
+    }
+
     struct Fixture {
         _dir: tempfile::TempDir,
         router: Router,
         device_pushes: Arc<Recorder>,
         up_rx: mpsc::Receiver<UpMessage>,
+    }
+
+    /// A router whose only channel is a [`Switch`], devices offline.
+    fn switched(
+        devices: &[&str],
+    ) -> (
+        tempfile::TempDir,
+        Router,
+        Arc<Switch>,
+        mpsc::Receiver<UpMessage>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let reg = crate::registry::RegistryDb::open(&db).unwrap();
+        for d in devices {
+            reg.add(d, "sensor", None).unwrap();
+        }
+        let registry = Arc::new(Registry::load(&db).unwrap());
+        let attributes = Arc::new(AttributeStore::load(&db, &dir.path().join("fw")).unwrap());
+        let switch = Arc::new(Switch::default());
+        let (up_tx, up_rx) = mpsc::channel(256);
+        let router = Router::new(
+            registry,
+            attributes,
+            vec![switch.clone()],
+            Some((up_tx, Arc::new(UplinkStatus::default()))),
+            Duration::from_secs(5),
+        );
+        (dir, router, switch, up_rx)
+    }
+
+    fn expiring(id: &str, device: &str, method: &str, expires_ms: u64) -> CloudRequest {
+        CloudRequest::Command(Command {
+            id: json!(id),
+            device: device.into(),
+            method: method.into(),
+            params: Json::Null,
+            expires_ms: Some(expires_ms),
+        })
+    }
+
+    #[test]
+    fn commands_for_an_offline_device_wait_and_arrive_in_order_when_it_listens() {
+        let (_dir, router, switch, mut up_rx) = switched(&["d1"]);
+        router.handle(expiring("c1", "d1", "first", 5000));
+        router.handle(expiring("c2", "d1", "second", 5000));
+        assert!(
+            up_rx.try_recv().is_err(),
+            "no error while within the timeout"
+        );
+        assert_eq!((router.parked(), router.pending()), (2, 0));
+        router.retry_parked(None, Instant::now());
+        assert_eq!(router.parked(), 2, "still not listening");
+
+        switch.listening.store(true, Ordering::Relaxed);
+        router.retry_parked(None, Instant::now());
+        assert_eq!(*switch.methods.lock().unwrap(), ["first", "second"]);
+        assert_eq!((router.parked(), router.pending()), (0, 2));
+        assert_eq!(router.stats.parked.load(Ordering::Relaxed), 2);
+        // A later command while it listens goes straight through.
+        router.handle(expiring("c3", "d1", "third", 5000));
+        assert_eq!(switch.methods.lock().unwrap().len(), 3);
+        assert!(up_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_command_still_waiting_at_its_deadline_fails_offline() {
+        let (_dir, router, switch, mut up_rx) = switched(&["d1"]);
+        router.handle(expiring("c1", "d1", "m", 200));
+        router.handle(expiring("c2", "d1", "m", 5000));
+        router.retry_parked(None, Instant::now() + Duration::from_millis(150));
+        assert!(up_rx.try_recv().is_err());
+        router.retry_parked(None, Instant::now() + Duration::from_millis(250));
+        let r = response(up_rx.try_recv().unwrap());
+        assert_eq!(
+            (&r["id"], &r["device"], &r["error"]["code"]),
+            (&json!("c1"), &json!("d1"), &json!("offline"))
+        );
+        assert_eq!(
+            r["error"]["message"],
+            "the device did not come online within 200 ms"
+        );
+        assert_eq!(router.parked(), 1, "the other command keeps waiting");
+        switch.listening.store(true, Ordering::Relaxed);
+        router.retry_parked(None, Instant::now());
+        assert_eq!(switch.methods.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unknown_devices_fail_at_once_and_parked_commands_are_bounded() {
+        let (_dir, router, _switch, mut up_rx) = switched(&["d1"]);
+        router.handle(expiring("u", "ghost", "m", 5000));
+        let r = response(up_rx.try_recv().unwrap());
+        assert_eq!(r["error"]["code"], "unknown_device");
+        for i in 0..MAX_PARKED_PER_DEVICE {
+            router.handle(expiring(&format!("c{i}"), "d1", "m", 5000));
+        }
+        assert!(up_rx.try_recv().is_err());
+        router.handle(expiring("over", "d1", "m", 5000));
+        let r = response(up_rx.try_recv().unwrap());
+        assert_eq!(
+            (&r["id"], &r["error"]["code"]),
+            (&json!("over"), &json!("offline"))
+        );
+        assert_eq!(router.parked(), MAX_PARKED_PER_DEVICE);
     }
 
     fn fixture(devices: &[&str]) -> Fixture {

@@ -203,6 +203,37 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
         "Records the cloud broker acknowledged since start.",
     );
     let _ = writeln!(o, "sluice_uplink_records_acked_total {acked}");
+    head(
+        &mut o,
+        "sluice_uplink_client_cert_expiry_seconds",
+        "gauge",
+        "Seconds until the cloud client certificate in use expires (negative once expired; no sample without one).",
+    );
+    if let Some(t) = ctx.uplink.as_ref().and_then(|u| u.client_cert_not_after()) {
+        let _ = writeln!(
+            o,
+            "sluice_uplink_client_cert_expiry_seconds {}",
+            t - now.div_euclid(1000)
+        );
+    }
+    head(
+        &mut o,
+        "sluice_uplink_tls_reloads_total",
+        "counter",
+        "Cloud TLS files (CA, client certificate, key) reloaded after changing on disk, by result.",
+    );
+    let (reloads, failures) = ctx
+        .uplink
+        .as_ref()
+        .map_or((0, 0), |u| (u.tls_reloads(), u.tls_reload_failures()));
+    let _ = writeln!(
+        o,
+        "sluice_uplink_tls_reloads_total{{result=\"ok\"}} {reloads}"
+    );
+    let _ = writeln!(
+        o,
+        "sluice_uplink_tls_reloads_total{{result=\"failed\"}} {failures}"
+    );
 
     head(
         &mut o,
@@ -286,6 +317,7 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
     let s = &ctx.router.stats;
     for (outcome, n) in [
         ("received", &s.commands),
+        ("parked", &s.parked),
         ("delivered", &s.delivered),
         ("answered", &s.answered),
         ("failed", &s.failed),

@@ -7,6 +7,15 @@
 //! SQLite; the CLI edits `state.db` directly and then asks a running daemon to
 //! reload. Every reload bumps a generation number that live sessions watch
 //! ([`Registry::subscribe`]), so a revocation closes them at once.
+//!
+//! Devices come from two places, recorded in `devices.source`: the CLI
+//! (`sluice devices add`, `'cli'`) and the configuration's `[[devices]]`
+//! (`'config'`: the local file or a signed fleet configuration, which
+//! carries only the SHA-256 of each token). [`RegistryDb::provision`]
+//! merges the configured list in at daemon start: missing devices are
+//! added, changed ones updated (and un-revoked), configured devices no
+//! longer listed are revoked (kept, so their history stays readable), and
+//! CLI devices are never touched.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -115,10 +124,43 @@ pub struct DeviceInfo {
     pub cert_sha256: Option<String>,
     /// Glob of device names it may publish for on mapped topics, if any.
     pub bridge_for: Option<String>,
+    /// Who registered it: `cli` or `config` (`[[devices]]`).
+    pub source: String,
 }
 
-/// Checks a device name or type.
-fn valid_ident(s: &str) -> bool {
+/// A device listed in the configuration's `[[devices]]`, validated
+/// ([`crate::config`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigDevice {
+    /// Name.
+    pub name: String,
+    /// Type (device profile).
+    pub kind: String,
+    /// SHA-256 of its access token (the token itself never appears).
+    pub token_sha256: [u8; 32],
+    /// SHA-256 of its TLS client certificate, if it may use mTLS.
+    pub cert_sha256: Option<[u8; 32]>,
+    /// Glob of device names it may publish for on mapped topics.
+    pub bridge_for: Option<String>,
+}
+
+/// What [`RegistryDb::provision`] changed, by device name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProvisionReport {
+    /// Listed and newly registered.
+    pub added: Vec<String>,
+    /// Listed, already registered by configuration, and changed (or
+    /// un-revoked).
+    pub updated: Vec<String>,
+    /// Registered by configuration earlier, no longer listed: revoked.
+    pub revoked: Vec<String>,
+    /// Listed but left alone, with the reason (a CLI device of that name,
+    /// a token or certificate another device holds).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Checks a device name or type: 1-64 characters of A-Z a-z 0-9 - _ .
+pub fn valid_ident(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()
@@ -177,8 +219,27 @@ pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
 }
 
-fn token_hash(token: &str) -> [u8; 32] {
+/// The SHA-256 of an access token, as stored (`token_sha256`) and as a
+/// `[[devices]]` entry gives it (`printf %s TOKEN | sha256sum`).
+pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+/// A stand-in token hash for a configured device whose hash is moving to
+/// another device in the same merge (the column is UNIQUE). No token
+/// hashes to it: a token cannot contain `/`.
+fn placeholder_hash(name: &str) -> [u8; 32] {
+    Sha256::digest(format!("sluice-unassigned/{name}").as_bytes()).into()
+}
+
+/// A registered device as the merge sees it.
+struct StoredDevice {
+    kind: String,
+    token_sha256: Vec<u8>,
+    cert_sha256: Option<Vec<u8>>,
+    bridge_for: Option<String>,
+    revoked: bool,
+    from_config: bool,
 }
 
 fn now_ms() -> i64 {
@@ -302,7 +363,8 @@ impl RegistryDb {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT name, type, created_ms, revoked, cert_sha256, bridge_for FROM devices ORDER BY name",
+                "SELECT name, type, created_ms, revoked, cert_sha256, bridge_for, source \
+                 FROM devices ORDER BY name",
             )
             .map_err(self.sql())?;
         let rows = stmt
@@ -314,6 +376,7 @@ impl RegistryDb {
                     revoked: r.get::<_, i64>(3)? != 0,
                     cert_sha256: r.get::<_, Option<Vec<u8>>>(4)?.map(|f| fingerprint_hex(&f)),
                     bridge_for: r.get(5)?,
+                    source: r.get(6)?,
                 })
             })
             .map_err(self.sql())?;
@@ -382,6 +445,75 @@ impl RegistryDb {
         Ok(token)
     }
 
+    /// Registers a device known only by the SHA-256 of its token (the
+    /// `[[devices]]` path: the plaintext token never reaches the gateway),
+    /// recording `from_config` as its source.
+    ///
+    /// Fails when the name, type or glob is invalid, or the name, token
+    /// hash or fingerprint is taken.
+    pub fn add_hashed(
+        &self,
+        device: &ConfigDevice,
+        from_config: bool,
+    ) -> Result<(), RegistryError> {
+        if !valid_ident(&device.name) {
+            return Err(RegistryError::BadName(device.name.clone()));
+        }
+        if !valid_ident(&device.kind) {
+            return Err(RegistryError::BadType(device.kind.clone()));
+        }
+        if let Some(g) = device.bridge_for.as_deref()
+            && !valid_glob(g)
+        {
+            return Err(RegistryError::BadGlob(g.into()));
+        }
+        if holder(&self.conn, "name", &device.name)
+            .map_err(self.sql())?
+            .is_some()
+        {
+            return Err(RegistryError::Exists(device.name.clone()));
+        }
+        if let Some(fp) = &device.cert_sha256
+            && holder(&self.conn, "cert_sha256", &fp[..])
+                .map_err(self.sql())?
+                .is_some()
+        {
+            return Err(RegistryError::CertInUse);
+        }
+        self.insert_or_token_conflict(
+            "INSERT INTO devices (name, type, token_sha256, created_ms, cert_sha256, bridge_for, source) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                device.name,
+                device.kind,
+                &device.token_sha256[..],
+                now_ms(),
+                device.cert_sha256.as_ref().map(|f| &f[..]),
+                device.bridge_for,
+                if from_config { "config" } else { "cli" },
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Merges the configuration's `[[devices]]` into the registry, in one
+    /// transaction: a listed device missing is added (source `config`); one
+    /// registered by configuration gets the listed type, token hash,
+    /// certificate and bridge glob, and is un-revoked; configured devices
+    /// no longer listed are revoked. CLI devices are never changed: a
+    /// listed name or credential a CLI device holds is skipped (reported).
+    /// `devices` is assumed validated (unique names, hashes, fingerprints).
+    ///
+    /// Fails when state.db cannot be read or written; nothing changes then.
+    pub fn provision(&self, devices: &[ConfigDevice]) -> Result<ProvisionReport, RegistryError> {
+        // `unchecked_transaction` because `self` is shared; this connection
+        // runs nothing else meanwhile. A dropped transaction rolls back.
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        let report = merge(&tx, devices).map_err(self.sql())?;
+        tx.commit().map_err(self.sql())?;
+        Ok(report)
+    }
+
     /// The active devices keyed by token hash and by certificate fingerprint.
     fn active(&self) -> Result<Active, RegistryError> {
         let mut stmt = self
@@ -419,6 +551,159 @@ impl RegistryDb {
         }
         Ok(out)
     }
+}
+
+/// The device whose `column` holds `value`, if any.
+fn holder(
+    conn: &Connection,
+    column: &'static str,
+    value: impl rusqlite::ToSql,
+) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        &format!("SELECT name FROM devices WHERE {column} = ?1"),
+        [value],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// [`RegistryDb::provision`]'s work, inside its transaction.
+fn merge(conn: &Connection, devices: &[ConfigDevice]) -> rusqlite::Result<ProvisionReport> {
+    let mut report = ProvisionReport::default();
+    let mut stored: HashMap<String, StoredDevice> = HashMap::new();
+    {
+        let mut stmt = conn.prepare(
+            "SELECT name, type, token_sha256, cert_sha256, bridge_for, revoked, source FROM devices",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                StoredDevice {
+                    kind: r.get(1)?,
+                    token_sha256: r.get(2)?,
+                    cert_sha256: r.get(3)?,
+                    bridge_for: r.get(4)?,
+                    revoked: r.get::<_, i64>(5)? != 0,
+                    from_config: r.get::<_, String>(6)? == "config",
+                },
+            ))
+        })?;
+        for row in rows {
+            let (name, d) = row?;
+            stored.insert(name, d);
+        }
+    }
+    let listed: HashMap<&str, &ConfigDevice> =
+        devices.iter().map(|d| (d.name.as_str(), d)).collect();
+    // Credentials moving between configured devices (a swap, a rename):
+    // free them first so the UNIQUE columns do not refuse the moves.
+    for (name, s) in stored.iter().filter(|(_, s)| s.from_config) {
+        let wanted_elsewhere = |hash: &[u8], cert: bool| {
+            devices.iter().any(|d| {
+                d.name != *name
+                    && if cert {
+                        d.cert_sha256.is_some_and(|c| c[..] == *hash)
+                    } else {
+                        d.token_sha256[..] == *hash
+                    }
+            })
+        };
+        let own = listed.get(name.as_str());
+        if own.is_some_and(|d| d.token_sha256[..] != s.token_sha256[..])
+            || wanted_elsewhere(&s.token_sha256, false)
+        {
+            conn.execute(
+                "UPDATE devices SET token_sha256 = ?1 WHERE name = ?2",
+                params![&placeholder_hash(name)[..], name],
+            )?;
+        }
+        if let Some(c) = &s.cert_sha256
+            && (own.is_some_and(|d| d.cert_sha256.map(|x| x.to_vec()).as_ref() != Some(c))
+                || wanted_elsewhere(c, true))
+        {
+            conn.execute(
+                "UPDATE devices SET cert_sha256 = NULL WHERE name = ?1",
+                [name],
+            )?;
+        }
+    }
+    for d in devices {
+        let old = stored.get(&d.name);
+        if old.is_some_and(|s| !s.from_config) {
+            report.skipped.push((
+                d.name.clone(),
+                "a device of that name was added with the CLI; it is left as it is".into(),
+            ));
+            continue;
+        }
+        if let Some(other) =
+            holder(conn, "token_sha256", &d.token_sha256[..])?.filter(|o| *o != d.name)
+        {
+            report.skipped.push((
+                d.name.clone(),
+                format!("its token_sha256 is the token of device {other:?}"),
+            ));
+            continue;
+        }
+        if let Some(fp) = &d.cert_sha256
+            && let Some(other) = holder(conn, "cert_sha256", &fp[..])?.filter(|o| *o != d.name)
+        {
+            report.skipped.push((
+                d.name.clone(),
+                format!("its cert_sha256 is registered to device {other:?}"),
+            ));
+            continue;
+        }
+        let cert = d.cert_sha256.as_ref().map(|f| &f[..]);
+        match old {
+            None => {
+                conn.execute(
+                    "INSERT INTO devices \
+                     (name, type, token_sha256, created_ms, cert_sha256, bridge_for, source) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'config')",
+                    params![
+                        d.name,
+                        d.kind,
+                        &d.token_sha256[..],
+                        now_ms(),
+                        cert,
+                        d.bridge_for
+                    ],
+                )?;
+                report.added.push(d.name.clone());
+            }
+            Some(s) => {
+                let same = s.kind == d.kind
+                    && s.token_sha256[..] == d.token_sha256[..]
+                    && s.cert_sha256.as_deref() == cert
+                    && s.bridge_for == d.bridge_for
+                    && !s.revoked;
+                // Written even when the same: the first loop may have
+                // moved a credential aside.
+                conn.execute(
+                    "UPDATE devices SET type = ?1, token_sha256 = ?2, cert_sha256 = ?3, \
+                     bridge_for = ?4, revoked = 0 WHERE name = ?5",
+                    params![d.kind, &d.token_sha256[..], cert, d.bridge_for, d.name],
+                )?;
+                if !same {
+                    report.updated.push(d.name.clone());
+                }
+            }
+        }
+    }
+    let mut gone: Vec<&String> = stored
+        .iter()
+        .filter(|(name, s)| s.from_config && !s.revoked && !listed.contains_key(name.as_str()))
+        .map(|(name, _)| name)
+        .collect();
+    gone.sort();
+    for name in gone {
+        conn.execute("UPDATE devices SET revoked = 1 WHERE name = ?1", [name])?;
+        report.revoked.push(name.clone());
+    }
+    report.added.sort();
+    report.updated.sort();
+    Ok(report)
 }
 
 /// The devices that can authenticate, by credential.
@@ -650,6 +935,138 @@ mod tests {
         reg.reload().unwrap();
         assert!(generation.has_changed().unwrap());
         assert!(reg.authenticate_cert(&fp).is_none());
+    }
+
+    fn configured(name: &str, token: &str) -> ConfigDevice {
+        ConfigDevice {
+            name: name.into(),
+            kind: "sensor".into(),
+            token_sha256: token_hash(token),
+            cert_sha256: None,
+            bridge_for: None,
+        }
+    }
+
+    #[test]
+    fn configured_devices_are_added_updated_and_revoked_but_cli_devices_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        db.add("cli-1", "t", Some("cli-token")).unwrap();
+        let r = db
+            .provision(&[configured("cfg-1", "tok-1"), configured("cfg-2", "tok-2")])
+            .unwrap();
+        assert_eq!(r.added, ["cfg-1", "cfg-2"]);
+        let reg = Registry::load(&p).unwrap();
+        assert_eq!(reg.authenticate("tok-1").unwrap().as_str(), "cfg-1");
+        assert_eq!(
+            reg.device_type(&DeviceName::new("cfg-1")).unwrap(),
+            "sensor"
+        );
+        assert_eq!(db.show("cfg-1").unwrap().source, "config");
+        assert_eq!(db.show("cli-1").unwrap().source, "cli");
+
+        // The same list again changes nothing.
+        assert_eq!(
+            db.provision(&[configured("cfg-1", "tok-1"), configured("cfg-2", "tok-2")])
+                .unwrap(),
+            ProvisionReport::default()
+        );
+
+        // cfg-1 gets a new token and a bridge glob, cfg-2 is dropped.
+        let mut changed = configured("cfg-1", "tok-1b");
+        changed.bridge_for = Some("room-*".into());
+        let r = db.provision(std::slice::from_ref(&changed)).unwrap();
+        assert_eq!(
+            (r.updated, r.revoked),
+            (vec!["cfg-1".to_owned()], vec!["cfg-2".to_owned()])
+        );
+        reg.reload().unwrap();
+        assert!(reg.authenticate("tok-1").is_none());
+        assert_eq!(reg.authenticate("tok-1b").unwrap().as_str(), "cfg-1");
+        assert!(reg.may_speak_for(&DeviceName::new("cfg-1"), "room-3"));
+        assert!(reg.authenticate("tok-2").is_none());
+        assert!(db.show("cfg-2").unwrap().revoked, "revoked, not deleted");
+        assert_eq!(reg.authenticate("cli-token").unwrap().as_str(), "cli-1");
+
+        // Listed again, cfg-2 comes back; an empty list revokes every
+        // configured device and no CLI one.
+        let r = db
+            .provision(&[changed, configured("cfg-2", "tok-2")])
+            .unwrap();
+        assert_eq!(r.updated, ["cfg-2"]);
+        let r = db.provision(&[]).unwrap();
+        assert_eq!(r.revoked, ["cfg-1", "cfg-2"]);
+        assert!(!db.show("cli-1").unwrap().revoked);
+    }
+
+    #[test]
+    fn a_configured_name_or_credential_held_by_a_cli_device_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        db.add("cli-1", "t", Some("cli-token")).unwrap();
+        let r = db
+            .provision(&[
+                configured("cli-1", "other"),
+                configured("cfg-1", "cli-token"),
+                configured("cfg-2", "tok-2"),
+            ])
+            .unwrap();
+        assert_eq!(r.added, ["cfg-2"]);
+        let skipped: Vec<&str> = r.skipped.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(skipped, ["cli-1", "cfg-1"]);
+        let cli = db.show("cli-1").unwrap();
+        assert_eq!((cli.kind.as_str(), cli.source.as_str()), ("t", "cli"));
+        let reg = Registry::load(&p).unwrap();
+        assert_eq!(reg.authenticate("cli-token").unwrap().as_str(), "cli-1");
+        assert!(reg.authenticate("other").is_none());
+    }
+
+    #[test]
+    fn configured_devices_can_swap_tokens_and_pass_a_token_on_by_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        db.provision(&[configured("a", "tok-a"), configured("b", "tok-b")])
+            .unwrap();
+        let r = db
+            .provision(&[configured("a", "tok-b"), configured("b", "tok-a")])
+            .unwrap();
+        assert_eq!(r.updated, ["a", "b"]);
+        let reg = Registry::load(&p).unwrap();
+        assert_eq!(reg.authenticate("tok-a").unwrap().as_str(), "b");
+        assert_eq!(reg.authenticate("tok-b").unwrap().as_str(), "a");
+        // "b" renamed to "c", same token.
+        let r = db
+            .provision(&[configured("a", "tok-b"), configured("c", "tok-a")])
+            .unwrap();
+        assert_eq!(
+            (r.added, r.revoked),
+            (vec!["c".to_owned()], vec!["b".to_owned()])
+        );
+        reg.reload().unwrap();
+        assert_eq!(reg.authenticate("tok-a").unwrap().as_str(), "c");
+    }
+
+    #[test]
+    fn a_device_can_be_added_by_token_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        db.add_hashed(&configured("h", "hashed-token"), false)
+            .unwrap();
+        assert!(matches!(
+            db.add_hashed(&configured("h", "x"), false),
+            Err(RegistryError::Exists(_))
+        ));
+        assert!(matches!(
+            db.add_hashed(&configured("h2", "hashed-token"), false),
+            Err(RegistryError::TokenInUse)
+        ));
+        let reg = Registry::load(&p).unwrap();
+        assert_eq!(reg.authenticate("hashed-token").unwrap().as_str(), "h");
+        assert_eq!(db.show("h").unwrap().source, "cli");
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod certificate;
 pub mod clock;
 pub mod downlink;
 pub mod drain;
@@ -36,6 +37,7 @@ pub mod outbox;
 pub mod profile;
 pub mod record;
 pub mod statedb;
+pub mod tls;
 pub mod uplink;
 
 pub use clock::{Clock, ClockMode, Stamp};

@@ -1,6 +1,6 @@
 //! `state_dir/state.db`: the gateway's small, precious state.
 //!
-//! Schema (PRAGMA user_version = 2):
+//! Schema (PRAGMA user_version = 4):
 //! - `identity(id = 1, epoch TEXT)`: the gateway epoch, random, created with the
 //!   state dir; `(gateway, epoch, seq)` names a record even across a re-flash.
 //! - `seq_mark(id = 1, next_free INTEGER)`: the seq high-water mark. Every seq
@@ -19,6 +19,11 @@
 //!   images staged in `state_dir/firmware/ready/`; and
 //!   `devices.bridge_for` (nullable): a glob of device names this device may
 //!   publish for on mapped legacy MQTT topics.
+//! - v4 adds `devices.source` (`'cli'` default, or `'config'`): who registered
+//!   the device. Devices listed in the configuration's `[[devices]]` (a local
+//!   file or a signed fleet configuration) are merged in at daemon start and
+//!   marked `'config'`, so a later configuration that no longer lists them
+//!   revokes exactly those; CLI-added devices are never touched by it.
 //!
 //! Durability: `synchronous = FULL` in WAL mode; every write here is rare.
 //! Migrations run forward inside one transaction at open; a file whose
@@ -29,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary writes.
-pub const STATE_SCHEMA_VERSION: i64 = 3;
+pub const STATE_SCHEMA_VERSION: i64 = 4;
 
 /// Why state.db could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +178,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateDbError> {
         )
         .map_err(sql)?;
     }
+    if found < 4 {
+        tx.execute_batch(
+            "ALTER TABLE devices ADD COLUMN source TEXT NOT NULL DEFAULT 'cli'
+                 CHECK (source IN ('cli', 'config'));
+             PRAGMA user_version = 4;",
+        )
+        .map_err(sql)?;
+    }
     tx.commit().map_err(sql)
 }
 
@@ -306,6 +319,35 @@ mod tests {
         drop(c);
         // Opening again is a no-op.
         drop(open(&p).unwrap());
+    }
+
+    #[test]
+    fn v4_marks_existing_devices_as_cli_added_and_takes_only_cli_or_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        {
+            let c = open(&p).unwrap();
+            // Back to a v3 file with a device in it.
+            c.execute_batch(
+                "ALTER TABLE devices DROP COLUMN source;
+                 INSERT INTO devices (name, type, token_sha256, created_ms) VALUES ('d1', 't', x'01', 5);
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let c = open(&p).unwrap();
+        let source: String = c
+            .query_row("SELECT source FROM devices WHERE name = 'd1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(source, "cli");
+        assert!(
+            c.execute("UPDATE devices SET source = 'cloud' WHERE name = 'd1'", [])
+                .is_err()
+        );
+        c.execute("UPDATE devices SET source = 'config' WHERE name = 'd1'", [])
+            .unwrap();
     }
 
     #[test]

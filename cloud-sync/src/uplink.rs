@@ -1,5 +1,7 @@
 //! The uplink: drains the outbox to the cloud MQTT broker (3.1.1, QoS 1, TLS
-//! via rustls with the ring provider).
+//! via rustls with the ring provider). Before each connection attempt the
+//! TLS files are read again if they changed on disk ([`crate::tls`]), so a
+//! rotated client certificate is used without a restart.
 //!
 //! Exactness of acks: every connection uses a clean session and a fresh rumqttc
 //! event loop, so rumqttc never replays anything itself and the outbox is the
@@ -27,26 +29,32 @@ use crate::drain::{DrainMode, DrainSchedule};
 use crate::outbox::{Leased, Outbox};
 use crate::profile::{self, GenericTopics, ProfileKind, tb};
 use crate::record::Seq;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
-};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use crate::tls::{Material, Refreshed};
+pub mod client;
+
+pub use client::MqttVersion;
+use client::{Client, Ev, Loop};
+use rumqttc::{QoS, TlsConfiguration, Transport};
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
-/// TLS settings of the uplink.
+pub use crate::tls::tls_client_config;
+
+/// TLS settings of the uplink. The files are read again before a
+/// connection attempt when they changed on disk (see [`crate::tls`]).
 #[derive(Debug, Clone)]
 pub struct UplinkTls {
     /// PEM bundle of the CAs that may sign the broker's certificate.
     pub ca_file: PathBuf,
     /// Optional client certificate chain and key (PEM) for mutual TLS.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// ALPN protocols offered in the handshake (e.g. `x-amzn-mqtt-ca` for
+    /// AWS IoT Core on port 443); empty offers none.
+    pub alpn: Vec<String>,
 }
 
 /// Everything the uplink needs to know.
@@ -91,6 +99,8 @@ pub struct UplinkConfig {
     pub version: String,
     /// Which upstream API.
     pub profile: ProfileKind,
+    /// MQTT 3.1.1 or 5.
+    pub mqtt_version: MqttVersion,
     /// A device's type (profile) for `v1/gateway/connect`.
     pub device_type: DeviceTypes,
 }
@@ -144,6 +154,9 @@ pub struct UplinkStatus {
     downlink_refused: AtomicU64,
     responses_sent: AtomicU64,
     responses_dropped: AtomicU64,
+    client_cert_not_after: Mutex<Option<i64>>,
+    tls_reloads: AtomicU64,
+    tls_reload_failures: AtomicU64,
 }
 
 impl UplinkStatus {
@@ -182,6 +195,24 @@ impl UplinkStatus {
     pub fn responses_dropped(&self) -> u64 {
         self.responses_dropped.load(Ordering::Relaxed)
     }
+    /// The `notAfter` (unix seconds) of the client certificate in use, when
+    /// there is one and it could be read.
+    pub fn client_cert_not_after(&self) -> Option<i64> {
+        self.client_cert_not_after.lock().ok().and_then(|t| *t)
+    }
+    /// Times the TLS files were reloaded after changing on disk.
+    pub fn tls_reloads(&self) -> u64 {
+        self.tls_reloads.load(Ordering::Relaxed)
+    }
+    /// Times changed TLS files failed to load (the previous ones stayed).
+    pub fn tls_reload_failures(&self) -> u64 {
+        self.tls_reload_failures.load(Ordering::Relaxed)
+    }
+    fn set_client_cert_not_after(&self, t: Option<i64>) {
+        if let Ok(mut g) = self.client_cert_not_after.lock() {
+            *g = t;
+        }
+    }
     /// Counts a response that never reached the uplink (its queue was full).
     pub fn count_response_dropped(&self) {
         self.responses_dropped.fetch_add(1, Ordering::Relaxed);
@@ -191,50 +222,6 @@ impl UplinkStatus {
             *g = e;
         }
     }
-}
-
-/// Builds the rustls client configuration: ring provider, TLS 1.3 and 1.2 only.
-///
-/// Fails when a PEM file cannot be read or holds no usable certificate/key,
-/// or rustls rejects the combination.
-pub fn tls_client_config(tls: &UplinkTls) -> Result<rustls::ClientConfig, UplinkError> {
-    let pem_err = |what, path: &Path, message: String| UplinkError::Pem {
-        what,
-        path: path.to_owned(),
-        message,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&tls.ca_file)
-        .map_err(|e| pem_err("cloud.ca_file", &tls.ca_file, e.to_string()))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| pem_err("cloud.ca_file", &tls.ca_file, e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| pem_err("cloud.ca_file", &tls.ca_file, e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(pem_err(
-            "cloud.ca_file",
-            &tls.ca_file,
-            "no certificate in file".into(),
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots);
-    Ok(match &tls.client_cert {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| pem_err("cloud.cert_file", cert, e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_err("cloud.cert_file", cert, e.to_string()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| pem_err("cloud.key_file", key, e.to_string()))?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-    })
 }
 
 enum Sent {
@@ -257,7 +244,7 @@ enum Ended {
 /// The uplink task.
 pub struct Uplink {
     config: UplinkConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<Material>,
     topics: GenericTopics,
     outbox: Outbox,
     status: Arc<UplinkStatus>,
@@ -291,9 +278,10 @@ impl Uplink {
         status: Arc<UplinkStatus>,
     ) -> Result<Self, UplinkError> {
         let tls = match &config.tls {
-            Some(t) => Some(Arc::new(tls_client_config(t)?)),
+            Some(t) => Some(Material::load(t)?),
             None => None,
         };
+        status.set_client_cert_not_after(tls.as_ref().and_then(|m| m.not_after));
         let topics = GenericTopics::new(&config.topic_prefix);
         Ok(Self {
             config,
@@ -356,42 +344,43 @@ impl Uplink {
         }
     }
 
-    fn options(&self) -> MqttOptions {
+    fn settings(&self) -> client::Settings {
         let c = &self.config;
-        let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
-        o.set_clean_session(true)
-            .set_keep_alive(c.keep_alive)
-            .set_inflight(u16::try_from(c.max_inflight + 2).unwrap_or(u16::MAX))
-            .set_max_packet_size(1 << 20, 1 << 28);
-        // ThingsBoard shows a gateway's state itself; it has no status topic.
-        if c.profile == ProfileKind::Generic {
-            o.set_last_will(LastWill::new(
-                self.topics.status.clone(),
-                profile::status_offline(&c.epoch),
-                QoS::AtLeastOnce,
-                true,
-            ));
+        client::Settings {
+            version: c.mqtt_version,
+            client_id: c.client_id.clone(),
+            host: c.host.clone(),
+            port: c.port,
+            keep_alive: c.keep_alive,
+            inflight: u16::try_from(c.max_inflight + 2).unwrap_or(u16::MAX),
+            // ThingsBoard shows a gateway's state itself; it has no status
+            // topic.
+            will: (c.profile == ProfileKind::Generic).then(|| {
+                (
+                    self.topics.status.clone(),
+                    profile::status_offline(&c.epoch),
+                )
+            }),
+            credentials: c.credentials.clone(),
+            transport: match &self.tls {
+                Some(tls) => {
+                    Transport::tls_with_config(TlsConfiguration::Rustls(tls.config.clone()))
+                }
+                None => Transport::tcp(),
+            },
         }
-        if let Some((u, p)) = &c.credentials {
-            o.set_credentials(u.clone(), p.clone());
-        }
-        if let Some(tls) = &self.tls {
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                tls.clone(),
-            )));
-        }
-        o
     }
 
     /// Runs until `cancel` fires: connects, drains, reconnects with capped,
     /// jittered exponential backoff. On cancel it stops taking new records and
     /// waits up to `shutdown_grace` for outstanding PUBACKs.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let span = tracing::info_span!("uplink", broker = %format!("{}:{}", self.config.host, self.config.port));
         let _g = span.enter();
         let mut backoff = self.config.backoff_min;
         let mut last_warned: Option<(String, Instant)> = None;
         loop {
+            self.refresh_tls().await;
             let started = Instant::now();
             match self.session(&cancel).await {
                 Ended::Shutdown => break,
@@ -421,9 +410,45 @@ impl Uplink {
         self.status.connected.store(false, Ordering::Relaxed);
     }
 
+    /// Rebuilds the TLS configuration if its files changed on disk; files
+    /// that do not load keep the previous configuration.
+    async fn refresh_tls(&mut self) {
+        let (Some(files), Some(current)) = (&self.config.tls, &self.tls) else {
+            return;
+        };
+        let (files, mut material) = (files.clone(), current.clone());
+        let refreshed = tokio::task::spawn_blocking(move || {
+            let r = material.refresh(&files);
+            (material, r)
+        })
+        .await;
+        match refreshed {
+            Ok((_, Refreshed::Unchanged)) => {}
+            Ok((material, Refreshed::Reloaded)) => {
+                self.status.tls_reloads.fetch_add(1, Ordering::Relaxed);
+                self.status.set_client_cert_not_after(material.not_after);
+                tracing::info!(
+                    client_cert_not_after = ?material.not_after,
+                    "TLS files changed on disk; reloaded for the next connection"
+                );
+                self.tls = Some(material);
+            }
+            Ok((material, Refreshed::Failed(e))) => {
+                self.status
+                    .tls_reload_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "TLS files changed on disk but do not load; keeping the previous ones");
+                self.tls = Some(material);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS reload task failed; keeping the previous files");
+            }
+        }
+    }
+
     async fn session(&self, cancel: &CancellationToken) -> Ended {
         let cap = self.config.max_inflight * 2 + 8;
-        let (client, mut el) = AsyncClient::new(self.options(), cap);
+        let (client, mut el) = client::connect(self.settings(), cap);
         let mut pending: VecDeque<Sent> = VecDeque::new();
         let mut inflight: HashMap<u16, Sent> = HashMap::new();
         let mut committed = self.outbox.committed();
@@ -474,7 +499,7 @@ impl Uplink {
             let room = pending.len() + inflight.len() < limits.1;
             tokio::select! {
                 ev = el.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ok(Ev::ConnAck) => {
                         connected = true;
                         self.status.connected.store(true, Ordering::Relaxed);
                         self.status.set_error(None);
@@ -491,8 +516,8 @@ impl Uplink {
                         announced.clear();
                         if thingsboard {
                             let filters = [tb::RPC, tb::ATTRIBUTES, tb::ME_ATTRIBUTES, "v1/devices/me/attributes/response/+", "v1/devices/me/rpc/request/+", "v1/devices/me/rpc/response/+"]
-                                .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce));
-                            if let Err(e) = client.try_subscribe_many(filters) {
+                                .map(str::to_owned);
+                            if let Err(e) = client.try_subscribe_many(&filters) {
                                 return Ended::Lost(format!("cannot subscribe to the gateway API: {e}"));
                             }
                             // As ThingsBoard's own gateway does: nothing is
@@ -506,14 +531,14 @@ impl Uplink {
                             // The fleet configuration, if one is set for
                             // this gateway (shared attribute sluice_config).
                             let ask = serde_json::json!({"sharedKeys": tb::CONFIG_ATTRIBUTE}).to_string();
-                            if client.try_publish(tb::ME_ATTRIBUTES_REQUEST, QoS::AtLeastOnce, false, ask).is_ok() {
+                            if client.try_publish(tb::ME_ATTRIBUTES_REQUEST, QoS::AtLeastOnce, false, ask.into_bytes()).is_ok() {
                                 pending.push_back(Sent::Status);
                             }
                         } else {
                             if self.downlink.is_some() {
                                 let filters = [&self.topics.commands, &self.topics.attributes_shared, &self.topics.config]
-                                    .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-                                if let Err(e) = client.try_subscribe_many(filters) {
+                                    .map(|t| t.clone());
+                                if let Err(e) = client.try_subscribe_many(&filters) {
                                     return Ended::Lost(format!("cannot subscribe to the downlink: {e}"));
                                 }
                             }
@@ -523,7 +548,7 @@ impl Uplink {
                             }
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    Ok(Ev::Published(pkid)) => {
                         // rumqttc reports QoS 0 publishes too, with pkid 0:
                         // they take their place in the FIFO but await no ack.
                         if let Some(sent) = pending.pop_front()
@@ -532,8 +557,17 @@ impl Uplink {
                             inflight.insert(pkid, sent);
                         }
                     }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(Sent::Batch(seqs)) = inflight.remove(&ack.pkid) {
+                    Ok(Ev::PubAck { pkid, accepted: false, reason }) => {
+                        // MQTT 5: the broker refused the message; its records
+                        // stay in the outbox and go again on the next
+                        // connection (this one is dropped so nothing is
+                        // skipped).
+                        if let Some(Sent::Batch(_)) = inflight.remove(&pkid) {
+                            return Ended::Lost(format!("the broker refused a batch: {reason}"));
+                        }
+                    }
+                    Ok(Ev::PubAck { pkid, .. }) => {
+                        if let Some(Sent::Batch(seqs)) = inflight.remove(&pkid) {
                             let n = seqs.len() as u64;
                             if self.outbox.ack(seqs).await.is_err() {
                                 return Ended::Shutdown;
@@ -542,9 +576,9 @@ impl Uplink {
                             self.status.last_ack_ms.store(now_ms(), Ordering::Relaxed);
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if thingsboard && p.topic == format!("{}{}", tb::ME_RPC_RESPONSE, tb::SESSION_LIMITS_ID) {
-                            let (bytes, inflight_max) = tb::session_limits(&p.payload);
+                    Ok(Ev::Message { topic, payload }) => {
+                        if thingsboard && topic == format!("{}{}", tb::ME_RPC_RESPONSE, tb::SESSION_LIMITS_ID) {
+                            let (bytes, inflight_max) = tb::session_limits(&payload);
                             if let Some(b) = bytes {
                                 limits.0 = limits.0.min(b * 8 / 10).max(1024);
                             }
@@ -554,16 +588,14 @@ impl Uplink {
                             tracing::info!(batch_max_bytes = limits.0, max_inflight = limits.1, "ThingsBoard session limits applied");
                             limits_until = None;
                         } else {
-                            self.on_downlink(&p.topic, &p.payload);
+                            self.on_downlink(&topic, &payload);
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                            tracing::warn!("the broker refused a downlink subscription (P/commands or P/attributes/shared): commands will not arrive");
-                        }
+                    Ok(Ev::SubscriptionRefused) => {
+                        tracing::warn!("the broker refused a downlink subscription: commands or configuration will not arrive");
                     }
                     Ok(_) => {}
-                    Err(e) => return Ended::Lost(describe(&e)),
+                    Err(e) => return Ended::Lost(e),
                 },
                 r = recv_opt(&mut responses), if connected && deadline.is_none() => {
                     if let Some(msg) = r {
@@ -623,7 +655,7 @@ impl Uplink {
     #[allow(clippy::too_many_arguments)]
     async fn fill(
         &self,
-        client: &AsyncClient,
+        client: &Client,
         pending: &mut VecDeque<Sent>,
         inflight: usize,
         schedule: &mut DrainSchedule,
@@ -724,14 +756,11 @@ impl Uplink {
 
     /// Publishes the offline status (the will is not sent on a clean
     /// disconnect) and disconnects, within a short bound.
-    async fn goodbye(&self, client: &AsyncClient, el: &mut EventLoop) {
+    async fn goodbye(&self, client: &Client, el: &mut Loop) {
         if self.config.profile == ProfileKind::ThingsBoard {
             let _ = client.try_disconnect();
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while !matches!(
-                    el.poll().await,
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)
-                ) {}
+                while !matches!(el.poll().await, Ok(Ev::Disconnected) | Err(_)) {}
             })
             .await;
             self.status.connected.store(false, Ordering::Relaxed);
@@ -748,11 +777,11 @@ impl Uplink {
             let mut asked = false;
             loop {
                 match el.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) if !asked => {
+                    Ok(Ev::PubAck { .. }) if !asked => {
                         asked = true;
                         let _ = client.try_disconnect();
                     }
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(Ev::Disconnected) | Err(_) => break,
                     Ok(_) => {}
                 }
             }
@@ -778,14 +807,5 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-fn describe(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::ConnectionRefused(code) => {
-            format!("broker refused the connection: {code:?}")
-        }
-        other => other.to_string(),
     }
 }

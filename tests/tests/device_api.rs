@@ -234,6 +234,9 @@ fn thingsboard_sdk_telemetry_attributes_rpc_and_firmware_through_the_gateway() {
 
 #[test]
 fn commands_fail_upstream_for_unknown_offline_unsubscribed_and_silent_devices() {
+    // Unknown: at once. Offline or not listening: `offline` once the
+    // command's timeout passes without the device listening. Silent:
+    // `timeout`.
     let cloud = cloud();
     let tmp = tempfile::tempdir().unwrap();
     let mut gw = cloud.gateway(tmp.path(), "command_timeout = \"30s\"\n");
@@ -251,10 +254,11 @@ fn commands_fail_upstream_for_unknown_offline_unsubscribed_and_silent_devices() 
     let _deaf_sub = DeviceSub::start(&gw, &deaf, &["v1/devices/me/attributes"]);
     wait_connected(&gw, 2);
     let commands = format!("{PREFIX}/commands");
+    let sent = std::time::Instant::now();
     for (id, device, expires) in [
         (json!(1), "ghost", None),
-        (json!("two"), "away", None),
-        (json!(3), "deaf", None),
+        (json!("two"), "away", Some(1500)),
+        (json!(3), "deaf", Some(1500)),
         (json!(4), "quiet", Some(1500)),
     ] {
         let mut c = json!({"id": id, "device": device, "method": "reboot", "params": {"delay": 1}});
@@ -266,9 +270,23 @@ fn commands_fail_upstream_for_unknown_offline_unsubscribed_and_silent_devices() 
     // A malformed command is refused and counted, not answered.
     cloud.publish(&commands, &json!({"device": "quiet", "method": "x"}));
     let responses = format!("{PREFIX}/commands/response");
+    // The unknown device is answered at once; the offline and deaf ones
+    // wait for their device to listen until their timeout.
+    wait_for(
+        "the unknown_device response",
+        Duration::from_secs(10),
+        || !cloud.seen_on(&responses).is_empty(),
+    );
+    pause(Duration::from_millis(1000).saturating_sub(sent.elapsed()));
+    assert_eq!(
+        cloud.seen_on(&responses).len(),
+        1,
+        "nothing but unknown_device within the first second"
+    );
     wait_for("four error responses", Duration::from_secs(15), || {
         cloud.seen_on(&responses).len() >= 4
     });
+    assert!(sent.elapsed() >= Duration::from_millis(1500));
     let mut by_id: Vec<(String, Json)> = cloud
         .seen_on(&responses)
         .into_iter()
@@ -294,11 +312,13 @@ fn commands_fail_upstream_for_unknown_offline_unsubscribed_and_silent_devices() 
             (json!(4), json!("quiet"), json!("timeout")),
         ]
     );
+    let message = |i: usize| by_id[i].1["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message(3).contains("1500 ms"));
+    assert_eq!(message(0), "the device did not come online within 1500 ms");
     assert!(
-        by_id[3].1["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("1500 ms")
+        message(2).contains("connected but did not listen for commands"),
+        "{}",
+        message(2)
     );
     // The silent device did receive the command, under an integer id.
     let lines = quiet_sub.lines();
@@ -336,6 +356,74 @@ fn commands_fail_upstream_for_unknown_offline_unsubscribed_and_silent_devices() 
     assert_eq!(st["commands"]["failed"], 4);
     assert_eq!(st["commands"]["stray_answers"], 1);
     assert_eq!(st["uplink"]["downlink_refused"], 1);
+    assert_eq!(gw.stop(), Some(0));
+}
+
+#[test]
+fn a_command_for_an_offline_device_is_delivered_when_it_connects_within_the_timeout() {
+    let cloud = cloud();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = cloud.gateway(tmp.path(), "");
+    let token = gw.add_device("sleepy");
+    gw.start();
+    wait_for("the uplink", Duration::from_secs(15), || {
+        gw.status()["uplink"]["connected"] == json!(true)
+    });
+    pause(Duration::from_millis(500));
+    cloud.publish(
+        &format!("{PREFIX}/commands"),
+        &json!({"id": "wake-1", "device": "sleepy", "method": "setGpio",
+                "params": {"pin": 3}, "expires_ms": 20000}),
+    );
+    wait_for("the command parked", Duration::from_secs(10), || {
+        gw.status()["commands"]["parked"] == 1
+    });
+    // The device comes online and subscribes: the command arrives.
+    let sub = DeviceSub::start(&gw, &token, &["v1/devices/me/rpc/request/+"]);
+    let mut request = None;
+    wait_for(
+        "the parked command delivered",
+        Duration::from_secs(10),
+        || {
+            request = sub.lines().first().cloned();
+            request.is_some()
+        },
+    );
+    let line = request.unwrap();
+    let (topic, body) = line.split_once(' ').unwrap();
+    assert_eq!(
+        serde_json::from_str::<Json>(body).unwrap(),
+        json!({"method": "setGpio", "params": {"pin": 3}})
+    );
+    let id = topic.strip_prefix("v1/devices/me/rpc/request/").unwrap();
+    let answer = mosquitto_pub(
+        &gw,
+        &[
+            "-u",
+            &token,
+            "-q",
+            "1",
+            "-t",
+            &format!("v1/devices/me/rpc/response/{id}"),
+            "-m",
+            r#"{"pin":3,"on":true}"#,
+        ],
+        "",
+    );
+    assert!(answer.status.success());
+    let responses = format!("{PREFIX}/commands/response");
+    wait_for("the answer upstream", Duration::from_secs(10), || {
+        !cloud.seen_on(&responses).is_empty()
+    });
+    assert_eq!(
+        cloud.seen_on(&responses),
+        vec![json!({"id": "wake-1", "device": "sleepy", "result": {"pin": 3, "on": true}})]
+    );
+    let st = gw.status();
+    assert_eq!(
+        (&st["commands"]["delivered"], &st["commands"]["failed"]),
+        (&json!(1), &json!(0))
+    );
     assert_eq!(gw.stop(), Some(0));
 }
 

@@ -246,3 +246,105 @@ fn signed_configs_apply_in_process_bad_ones_are_rejected_and_an_unreachable_brok
     );
     assert_eq!(gw.stop(), Some(0));
 }
+
+/// `printf %s TOKEN | sha256sum`, as an operator provisioning devices would.
+fn token_sha256(token: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    let out = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
+    out.split_whitespace().next().unwrap().to_owned()
+}
+
+#[test]
+fn a_fleet_config_provisions_a_device_by_token_hash_and_a_later_one_revokes_it() {
+    let cloud = cloud();
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(tmp.path(), "fleet.key");
+    let mut gw = cloud.gateway(tmp.path(), "");
+    let mut config = std::fs::read_to_string(&gw.config).unwrap();
+    config.push_str(&format!(
+        "\n[fleet]\ntrusted_keys = [\"{public}\"]\nconfirm_timeout = \"10s\"\n"
+    ));
+    std::fs::write(&gw.config, config).unwrap();
+    let cli_token = gw.add_device("cli-dev");
+    gw.start();
+    let connected = |gw: &Gateway| {
+        gw.try_status()
+            .is_some_and(|s| s["uplink"]["connected"] == json!(true))
+    };
+    wait_for("the uplink", Duration::from_secs(15), || connected(&gw));
+    let telemetry = |gw: &Gateway, token: &str, body: &str| {
+        let url = format!(
+            "http://{}/api/v1/{token}/telemetry",
+            gw.status()["listeners"]["http"].as_str().unwrap()
+        );
+        curl(&["-X", "POST", "-d", body, &url]).0
+    };
+    let token = "provisioned-by-the-fleet-1";
+    assert_eq!(telemetry(&gw, token, r#"{"before":1}"#), 401);
+
+    // v1 provisions the device by the hash of its token: the token itself
+    // is never in the envelope.
+    let v1 = json!({"version": 1, "config": {"devices": [
+        {"name": "fleet-dev", "type": "sensor", "token_sha256": token_sha256(token)}]}});
+    let envelope = sign(tmp.path(), &key, &v1);
+    assert!(!envelope.to_string().contains(token));
+    push(&cloud, &envelope);
+    wait_report(&cloud, 1, "applied", Duration::from_secs(20));
+    wait_for("the gateway back", Duration::from_secs(10), || {
+        connected(&gw)
+    });
+    assert_eq!(telemetry(&gw, token, r#"{"provisioned":1}"#), 200);
+    wait_for("the reading upstream", Duration::from_secs(10), || {
+        cloud
+            .observer
+            .records()
+            .iter()
+            .any(|(_, d, r)| d == "fleet-dev" && r["values"] == json!({"provisioned": 1}))
+    });
+    let list = gw.cli_json(&["devices", "list", "--json"]);
+    let row = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        (&row("fleet-dev")["source"], &row("fleet-dev")["type"]),
+        (&json!("config"), &json!("sensor"))
+    );
+    assert_eq!(row("cli-dev")["source"], "cli");
+
+    // v2 no longer lists it: revoked (still listed), the CLI device untouched.
+    push(
+        &cloud,
+        &sign(tmp.path(), &key, &json!({"version": 2, "config": {}})),
+    );
+    wait_report(&cloud, 2, "applied", Duration::from_secs(20));
+    wait_for("the gateway back", Duration::from_secs(10), || {
+        connected(&gw)
+    });
+    assert_eq!(telemetry(&gw, token, r#"{"after":1}"#), 401);
+    assert_eq!(telemetry(&gw, &cli_token, r#"{"cli":1}"#), 200);
+    let list = gw.cli_json(&["devices", "list", "--json"]);
+    let dev = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "fleet-dev")
+        .unwrap();
+    assert_eq!(dev["revoked"], true);
+    assert_eq!(gw.stop(), Some(0));
+}

@@ -178,6 +178,12 @@ pub const OBS_USER: (&str, &str) = ("observer", "obs-secret");
 impl Broker {
     /// Writes the broker's files; `start` runs it.
     pub fn new(dir: &Path, pki: &Pki, port: u16) -> Self {
+        Self::with_mtls_ca(dir, pki, port, &pki.ca)
+    }
+
+    /// As `new`, but the mTLS listener accepts only client certificates
+    /// signed by the CA in `mtls_ca`.
+    pub fn with_mtls_ca(dir: &Path, pki: &Pki, port: u16, mtls_ca: &Path) -> Self {
         let passwd = dir.join("passwd");
         std::fs::write(&passwd, "").unwrap();
         for (u, p) in [GW_USER, OBS_USER] {
@@ -207,7 +213,7 @@ impl Broker {
         text.push_str(&format!(
             "listener {mtls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
              require_certificate true\nuse_identity_as_username true\n",
-            pki.ca.display(),
+            mtls_ca.display(),
             pki.cert.display(),
             pki.key.display()
         ));
@@ -247,6 +253,12 @@ impl Broker {
         wait_for("mosquitto to listen", Duration::from_secs(10), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
+    }
+
+    /// What mosquitto logged (notices include each client's protocol
+    /// version: `p2` = 3.1.1, `p5` = 5).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM (mosquitto saves its persistence) and wait.

@@ -3,7 +3,7 @@
 //! (asserted as JSON), the getSessionLimits handshake, commands from
 //! `v1/gateway/rpc` to an MQTT and a CoAP device with the answers back on
 //! `v1/gateway/rpc`, shared attributes down, and the error reply for an
-//! offline device.
+//! offline device after its timeout.
 
 // Test code: a failed step is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -240,14 +240,29 @@ fn the_thingsboard_gateway_api_carries_telemetry_attributes_and_rpc_both_ways() 
     let _ = observer.kill();
     let _ = observer.wait();
 
-    // An offline device: the error reply in ThingsBoard's shape.
+    // An offline device: the error reply in ThingsBoard's shape, once the
+    // command's timeout (params.timeout) passed without it coming online.
+    let sent = std::time::Instant::now();
     cloud.publish(
         "v1/gateway/rpc",
-        &json!({"device": "dev-off", "data": {"id": 44, "method": "x"}}),
+        &json!({"device": "dev-off", "data": {"id": 44, "method": "x", "params": {"timeout": 1000}}}),
+    );
+    pause(Duration::from_millis(700));
+    assert!(
+        sub.on("v1/gateway/rpc").iter().all(|p| p["id"] != 44),
+        "no error before the timeout"
     );
     let err = sub.wait("v1/gateway/rpc", "the offline error", |p| p["id"] == 44);
+    assert!(sent.elapsed() >= Duration::from_millis(1000));
     assert_eq!(err["device"], "dev-off");
     assert_eq!(err["data"]["code"], 503, "{err}");
+    assert!(
+        err["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not come online within 1000 ms"),
+        "{err}"
+    );
     // Nothing went to the generic profile's topics.
     assert!(
         cloud
@@ -262,6 +277,61 @@ fn the_thingsboard_gateway_api_carries_telemetry_attributes_and_rpc_both_ways() 
             .iter()
             .map(|s| s.topic.clone())
             .collect::<Vec<_>>()
+    );
+    assert_eq!(gw.stop(), Some(0));
+}
+
+#[test]
+fn a_gateway_rpc_reaches_an_http_long_poll_and_its_answer_goes_back() {
+    let cloud = cloud();
+    let sub = CloudSub::start(&cloud, &["v1/gateway/#", "v1/devices/me/#"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(
+        tmp.path(),
+        &GatewaySpec {
+            cloud: Some((cloud.broker.port, cloud.pki.ca.clone())),
+            cloud_extra: "profile = \"thingsboard\"\n".into(),
+            ..GatewaySpec::default()
+        },
+    );
+    let token = gw.add_device("dev-h");
+    gw.start();
+    sub.wait("v1/devices/me/rpc/request/1", "getSessionLimits", |_| true);
+    cloud.publish(
+        "v1/devices/me/rpc/response/1",
+        &json!({"maxPayloadSize": 65536}),
+    );
+    let base = format!("http://{}/api/v1/{token}", gw.http.as_ref().unwrap());
+    let poll = {
+        let url = format!("{base}/rpc?timeout=15000");
+        std::thread::spawn(move || curl(&[&url]))
+    };
+    // Give the poll time to register as the device's HTTP channel.
+    pause(Duration::from_millis(700));
+    cloud.publish(
+        "v1/gateway/rpc",
+        &json!({"device": "dev-h", "data": {"id": 45, "method": "reboot", "params": {"in": 5}}}),
+    );
+    let (code, text) = poll.join().unwrap();
+    assert_eq!(code, 200, "{text}");
+    let body: Json = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["method"], "reboot");
+    assert_eq!(body["params"], json!({"in": 5}));
+    let n = body["id"].as_u64().unwrap();
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-d",
+        r#"{"rebooting":true}"#,
+        &format!("{base}/rpc/{n}"),
+    ]);
+    assert_eq!(code, 200);
+    let answer = sub.wait("v1/gateway/rpc", "the HTTP device's answer", |p| {
+        p["id"] == 45
+    });
+    assert_eq!(
+        answer,
+        json!({"device": "dev-h", "id": 45, "data": {"rebooting": true}})
     );
     assert_eq!(gw.stop(), Some(0));
 }
