@@ -987,6 +987,25 @@ pub fn load_with_fleet(path: &Path, fleet_json: &str) -> Result<Config, ConfigEr
     Ok(cfg)
 }
 
+/// When the configuration with `new_fleet` layered differs from the one
+/// with `old_fleet` only in `[[rules]]`, the new rules (validated): a fleet
+/// change that can be applied in place. `None` when anything else differs.
+///
+/// Fails when either configuration does not load or validate.
+pub fn rules_only_change(
+    path: &Path,
+    old_fleet: Option<&str>,
+    new_fleet: &str,
+) -> Result<Option<Vec<crate::rules::RuleConfig>>, ConfigError> {
+    let mut old = load_raw(path, old_fleet)?;
+    let mut new = load_raw(path, Some(new_fleet))?;
+    let new_cfg = validate(new.clone())?;
+    old.rules.clear();
+    new.rules.clear();
+    let same = serde_json::to_value(&old).ok() == serde_json::to_value(&new).ok();
+    Ok(same.then_some(new_cfg.rules))
+}
+
 fn load_raw(path: &Path, fleet_json: Option<&str>) -> Result<RawConfig, ConfigError> {
     use config::{Environment, File, FileFormat};
     if !path.exists() {

@@ -378,7 +378,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         )),
     );
 
-    let rules_task = pipeline.has_rules().then(|| {
+    // Always running: a fleet configuration may add rules without a restart.
+    let rules_task = Some({
         let pipeline = pipeline.clone();
         let cancel = listeners_cancel.clone();
         let clock = clock.clone();
@@ -411,6 +412,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
             uplink: admin_ctx_uplink.clone(),
             router: router.clone(),
             restart: restart.clone(),
+            pipeline: pipeline.clone(),
         };
         tokio::spawn(task.run(rx, listeners_cancel.clone()))
     });

@@ -16,9 +16,10 @@
 //! makes — the files, this layer over them, the environment over that —
 //! passes the same validator as a file. It is then persisted atomically
 //! (`state_dir/fleet/applied.json`, the one it replaces kept as
-//! `previous.json`; temp file + fsync + rename) and applied by a supervised
-//! in-process restart of the daemon (listeners, outbox, uplink are rebuilt
-//! from the new configuration; the process and its PID stay). If the uplink
+//! `previous.json`; temp file + fsync + rename) and applied: a change of
+//! `[[rules]]` only is swapped into the pipeline in place; anything else by
+//! a supervised in-process restart of the daemon (listeners, outbox, uplink
+//! are rebuilt from the new configuration; the process and its PID stay). If the uplink
 //! is not connected within `fleet.confirm_timeout` after that, the previous
 //! configuration is put back and the daemon restarts again with it
 //! (`rolled_back`). Every outcome is reported on `P/config/state` (retained):
@@ -321,6 +322,8 @@ pub struct FleetTask {
     pub router: std::sync::Arc<crate::downlink::Router>,
     /// Fired to restart the daemon with the configuration on disk.
     pub restart: tokio_util::sync::CancellationToken,
+    /// Where a rules-only change is applied in place.
+    pub pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
 }
 
 /// What to do with an envelope, given the fleet state.
@@ -435,6 +438,29 @@ impl FleetTask {
                         Decision::Ignore => {}
                         Decision::Report(r) => self.publish(&mut st, r),
                         Decision::Apply(p) => {
+                            // Rules only: swap them in place, nothing restarts.
+                            let current = applied(&self.state_dir).map(|(_, json)| json);
+                            let hot = crate::config::rules_only_change(
+                                &self.source,
+                                current.as_deref(),
+                                &p.config.to_string(),
+                            )
+                            .ok()
+                            .flatten();
+                            if let Some(rules) = hot {
+                                if let Err(e) = install(&self.state_dir, &p) {
+                                    let r = report(Some(p.version), "rejected", Some(&e.to_string()));
+                                    self.publish(&mut st, r);
+                                    continue;
+                                }
+                                self.pipeline.set_rules(rules).await;
+                                st.highest_seen = p.version;
+                                st.applied = p.version;
+                                st.pending = None;
+                                tracing::info!(version = p.version, "fleet configuration applied in place (rules only)");
+                                self.publish(&mut st, report(Some(p.version), "applied", None));
+                                continue;
+                            }
                             if let Err(e) = install(&self.state_dir, &p) {
                                 let r = report(Some(p.version), "rejected", Some(&e.to_string()));
                                 self.publish(&mut st, r);

@@ -70,7 +70,9 @@ impl TailEvent {
 pub struct Pipeline {
     outbox: Outbox,
     registry: Arc<Registry>,
-    rules: Option<Mutex<Rules>>,
+    rules: Mutex<Rules>,
+    /// Whether any rule is configured (else the fast path: no lock).
+    active: std::sync::atomic::AtomicBool,
     tail: broadcast::Sender<TailEvent>,
 }
 
@@ -92,8 +94,9 @@ impl Pipeline {
         rules: Vec<RuleConfig>,
     ) -> Result<Self, outbox::OutboxError> {
         let (tail, _) = broadcast::channel(TAIL_BUFFER);
+        let active = !rules.is_empty();
         let rules = if rules.is_empty() {
-            None
+            Rules::new(Vec::new())
         } else {
             let stored = outbox::read_rule_state(outbox_path)?;
             let mut state = EngineState::default();
@@ -111,12 +114,13 @@ impl Pipeline {
             if n > 0 {
                 tracing::info!(entries = n, "rules resumed from their stored state");
             }
-            Some(Mutex::new(engine))
+            engine
         };
         Ok(Self {
             outbox,
             registry,
-            rules,
+            rules: Mutex::new(rules),
+            active: std::sync::atomic::AtomicBool::new(active),
             tail,
         })
     }
@@ -128,10 +132,7 @@ impl Pipeline {
 
     /// Per-rule counters (empty without rules).
     pub async fn counters(&self) -> Vec<RuleCounters> {
-        match &self.rules {
-            Some(r) => r.lock().await.counters(),
-            None => Vec::new(),
-        }
+        self.rules.lock().await.counters()
     }
 
     fn tail_out(&self, out: &[(String, Record)], dropped: &[(String, Record)]) {
@@ -155,7 +156,7 @@ impl Pipeline {
         stream: &str,
         records: Vec<Record>,
     ) -> Result<PendingAppend, AppendError> {
-        let Some(rules) = &self.rules else {
+        if !self.has_rules() {
             if self.tail.receiver_count() > 0 {
                 let out: Vec<(String, Record)> = records
                     .iter()
@@ -164,11 +165,11 @@ impl Pipeline {
                 self.tail_out(&out, &[]);
             }
             return self.outbox.submit_to(stream, &records).await;
-        };
+        }
         if stream != DEFAULT_STREAM {
             return self.outbox.submit_to(stream, &records).await;
         }
-        let mut engine = rules.lock().await;
+        let mut engine = self.rules.lock().await;
         let mut out: Vec<(String, Record)> = Vec::with_capacity(records.len());
         let mut dropped = Vec::new();
         // Rules match on the device type: one apply per run of one device.
@@ -233,10 +234,10 @@ impl Pipeline {
     ///
     /// Fails as [`Outbox::submit_to`] does.
     pub async fn tick(&self, now_ms: i64) -> Result<usize, AppendError> {
-        let Some(rules) = &self.rules else {
+        if !self.has_rules() {
             return Ok(0);
-        };
-        let mut engine = rules.lock().await;
+        }
+        let mut engine = self.rules.lock().await;
         if engine.next_tick_ms().is_none_or(|t| t > now_ms) {
             return Ok(0);
         }
@@ -255,7 +256,23 @@ impl Pipeline {
 
     /// Whether rules are configured.
     pub fn has_rules(&self) -> bool {
-        self.rules.is_some()
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Replaces the rules in place (a fleet configuration that changes only
+    /// rules): the engine continues with the state that still fits the new
+    /// rules (windows of unchanged rules stay open); entries that no longer
+    /// fit are dropped with a warning.
+    pub async fn set_rules(&self, rules: Vec<RuleConfig>) {
+        let mut engine = self.rules.lock().await;
+        let state = engine.state();
+        let (fresh, refused) = Rules::with_state(rules, &state);
+        for (key, e) in refused {
+            tracing::info!(rule = %key.rule, device = %key.device, key = %key.key, error = %e, "rule state dropped by the new rules");
+        }
+        self.active
+            .store(!fresh.is_empty(), std::sync::atomic::Ordering::Release);
+        *engine = fresh;
     }
 }
 
