@@ -107,12 +107,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
 
     let listeners_cancel = CancellationToken::new();
     let uplink_cancel = CancellationToken::new();
-    let (ended_tx, mut ended_rx) = mpsc::channel::<&'static str>(8);
+    let (ended_tx, mut ended_rx) = mpsc::channel::<&'static str>(32);
     let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
         let ended_tx = ended_tx.clone();
         tokio::spawn(async move {
             fut.await;
-            let _ = ended_tx.send(name).await;
+            // Never wait here: once shutdown began nobody reads the channel,
+            // and a task blocked on a full channel would never finish (its
+            // JoinHandle is awaited below). The first early end is what
+            // matters, and it always fits.
+            let _ = ended_tx.try_send(name);
         })
     };
 
