@@ -547,6 +547,28 @@ pub mod tb {
         (n("maxPayloadSize"), n("maxInflightMessages"))
     }
 
+    /// Whether a message is the gateway's own publish coming back (a plain
+    /// broker echoes what a client publishes on a topic it subscribed to;
+    /// ThingsBoard does not): its getSessionLimits request, its upstream
+    /// attributes (no `"device"` key) or its RPC answers (no `data.id`).
+    pub fn is_own_echo(topic: &str, payload: &[u8]) -> bool {
+        if topic == format!("{ME_RPC_REQUEST}{SESSION_LIMITS_ID}") {
+            return true;
+        }
+        let Ok(v) = serde_json::from_slice::<Json>(payload) else {
+            return false;
+        };
+        match topic {
+            ATTRIBUTES => v.get("device").is_none(),
+            RPC => {
+                v.get("device").is_some()
+                    && v.get("id").is_some()
+                    && v.pointer("/data/id").is_none()
+            }
+            _ => false,
+        }
+    }
+
     /// The gateway's `getSessionLimits` request.
     pub fn session_limits_request() -> Vec<u8> {
         json!({"method": "getSessionLimits", "params": {"timeout": 5000}})
@@ -673,5 +695,23 @@ mod tb_tests {
             (Some(65536), Some(100))
         );
         assert_eq!(tb::session_limits(b"{}"), (None, None));
+        // What the gateway itself publishes, echoed by a plain broker.
+        assert!(tb::is_own_echo("v1/devices/me/rpc/request/1", b"{}"));
+        assert!(tb::is_own_echo(
+            tb::ATTRIBUTES,
+            br#"{"dev-1":{"model":"x"}}"#
+        ));
+        assert!(tb::is_own_echo(
+            tb::RPC,
+            br#"{"device":"d","id":42,"data":{"ok":true}}"#
+        ));
+        assert!(!tb::is_own_echo(
+            tb::RPC,
+            br#"{"device":"d","data":{"id":42,"method":"m"}}"#
+        ));
+        assert!(!tb::is_own_echo(
+            tb::ATTRIBUTES,
+            br#"{"device":"d","data":{"a":1}}"#
+        ));
     }
 }

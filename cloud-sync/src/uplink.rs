@@ -577,7 +577,9 @@ impl Uplink {
                         }
                     }
                     Ok(Ev::Message { topic, payload }) => {
-                        if thingsboard && topic == format!("{}{}", tb::ME_RPC_RESPONSE, tb::SESSION_LIMITS_ID) {
+                        if thingsboard && tb::is_own_echo(&topic, &payload) {
+                            tracing::debug!(%topic, "own publish echoed by the broker; ignored");
+                        } else if thingsboard && topic == format!("{}{}", tb::ME_RPC_RESPONSE, tb::SESSION_LIMITS_ID) {
                             let (bytes, inflight_max) = tb::session_limits(&payload);
                             if let Some(b) = bytes {
                                 limits.0 = limits.0.min(b * 8 / 10).max(1024);

@@ -122,11 +122,8 @@ fn the_thingsboard_gateway_api_carries_telemetry_attributes_and_rpc_both_ways() 
         ask,
         json!({"method": "getSessionLimits", "params": {"timeout": 5000}})
     );
-    cloud.publish(
-        "v1/devices/me/rpc/response/1",
-        &json!({"maxPayloadSize": 65536, "maxInflightMessages": 100, "rateLimits": {}}),
-    );
-    // Telemetry and client attributes of an MQTT device.
+    // Telemetry and client attributes of an MQTT device, accepted (stored)
+    // but not forwarded while the limits are unknown.
     let pub_m = |topic: &str, msg: &str| {
         let o = mosquitto_pub(&gw, &["-u", &tok_m, "-q", "1", "-t", topic, "-m", msg], "");
         assert!(o.status.success());
@@ -136,6 +133,15 @@ fn the_thingsboard_gateway_api_carries_telemetry_attributes_and_rpc_both_ways() 
         r#"{"ts":1767225600000,"values":{"t":21.5}}"#,
     );
     pub_m("v1/devices/me/attributes", r#"{"model":"m-1"}"#);
+    pause(Duration::from_secs(1));
+    assert!(
+        sub.on("v1/gateway/telemetry").is_empty() && sub.on("v1/gateway/connect").is_empty(),
+        "nothing is forwarded before the getSessionLimits answer"
+    );
+    cloud.publish(
+        "v1/devices/me/rpc/response/1",
+        &json!({"maxPayloadSize": 65536, "maxInflightMessages": 100, "rateLimits": {}}),
+    );
     let connect = sub.wait("v1/gateway/connect", "connect", |p| p["device"] == "dev-m");
     assert_eq!(connect, json!({"device": "dev-m", "type": "sensor"}));
     let tel = sub.wait("v1/gateway/telemetry", "telemetry", |p| {
