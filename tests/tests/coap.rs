@@ -287,24 +287,7 @@ fn firmware_downloads_block_wise_at_every_block_size_and_by_chunk() {
     let image: Vec<u8> = (0..204_800u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let src = tmp.path().join("fw.bin");
-    std::fs::write(&src, &image).unwrap();
-    let out = gw.cli(&[
-        "firmware",
-        "stage",
-        src.to_str().unwrap(),
-        "--title",
-        "fw",
-        "--version",
-        "2",
-        "--device",
-        "dev-1",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gw.stage_firmware(&image, "fw", "2", "dev-1");
     gw.start();
     let fw = url(&gw, &token, "firmware?title=fw&version=2");
     for size in ["16", "32", "64", "128", "256", "512", "1024"] {
@@ -846,24 +829,7 @@ fn aiocoap_posts_downloads_firmware_block_wise_and_observes_the_next_version() {
         let image: Vec<u8> = (0..len)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
             .collect();
-        let src = tmp.path().join(format!("fw-{version}.bin"));
-        std::fs::write(&src, &image).unwrap();
-        let out = gw.cli(&[
-            "firmware",
-            "stage",
-            src.to_str().unwrap(),
-            "--title",
-            "fw",
-            "--version",
-            version,
-            "--device",
-            "dev-1",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let src = gw.stage_firmware(&image, "fw", version, "dev-1");
         sha256_hex(&src)
     };
     let sha1 = stage(&gw, "1", 230_000);

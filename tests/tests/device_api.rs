@@ -87,24 +87,7 @@ fn thingsboard_sdk_telemetry_attributes_rpc_and_firmware_through_the_gateway() {
     let token = gw.add_device("dev-1");
     // A 5000-byte image staged for dev-1 before the daemon starts.
     let image: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
-    let image_file = tmp.path().join("bench_fw.bin.src");
-    std::fs::write(&image_file, &image).unwrap();
-    let staged = gw.cli(&[
-        "firmware",
-        "stage",
-        image_file.to_str().unwrap(),
-        "--title",
-        "bench_fw.bin",
-        "--version",
-        "1.1",
-        "--device",
-        "dev-1",
-    ]);
-    assert!(
-        staged.status.success(),
-        "{}",
-        String::from_utf8_lossy(&staged.stderr)
-    );
+    let image_file = gw.stage_firmware(&image, "bench_fw.bin", "1.1", "dev-1");
     let sha = {
         let out = Command::new("sha256sum").arg(&image_file).output().unwrap();
         let text = String::from_utf8(out.stdout).unwrap();

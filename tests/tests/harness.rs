@@ -618,6 +618,37 @@ impl Gateway {
         self.try_status().expect("sluice status --json failed")
     }
 
+    /// Stages `image` (written to a file in the gateway's dir) as firmware
+    /// `title`/`version` for `device` with `sluice firmware stage`; returns
+    /// the file.
+    pub fn stage_firmware(
+        &self,
+        image: &[u8],
+        title: &str,
+        version: &str,
+        device: &str,
+    ) -> PathBuf {
+        let file = self.dir.join(format!("{title}-{version}.src"));
+        std::fs::write(&file, image).unwrap();
+        let out = self.cli(&[
+            "firmware",
+            "stage",
+            file.to_str().unwrap(),
+            "--title",
+            title,
+            "--version",
+            version,
+            "--device",
+            device,
+        ]);
+        assert!(
+            out.status.success(),
+            "firmware stage: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        file
+    }
+
     /// The daemon's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -235,24 +235,7 @@ fn http_firmware_by_chunks_and_by_range_matches_the_staged_image() {
     let token = gw.add_device("dev-1");
     let other = gw.add_device("dev-2");
     let image: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let image_file = tmp.path().join("fw.src");
-    std::fs::write(&image_file, &image).unwrap();
-    let staged = gw.cli(&[
-        "firmware",
-        "stage",
-        image_file.to_str().unwrap(),
-        "--title",
-        "bench.bin",
-        "--version",
-        "2.0",
-        "--device",
-        "dev-1",
-    ]);
-    assert!(
-        staged.status.success(),
-        "{}",
-        String::from_utf8_lossy(&staged.stderr)
-    );
+    gw.stage_firmware(&image, "bench.bin", "2.0", "dev-1");
     gw.start();
     let host = gw.http.clone().unwrap();
     let fw = |t: &str, q: &str| format!("http://{host}/api/v1/{t}/firmware?{q}");
@@ -371,20 +354,7 @@ fn thingsboard_http_sdk_attributes_polls_commands_and_firmware_through_the_gatew
     let mut gw = cloud.gateway(tmp.path(), "");
     let token = gw.add_device("dev-http");
     let image: Vec<u8> = (0..10_000u32).map(|i| (i * 13 % 256) as u8).collect();
-    let image_file = tmp.path().join("fw.src");
-    std::fs::write(&image_file, &image).unwrap();
-    let staged = gw.cli(&[
-        "firmware",
-        "stage",
-        image_file.to_str().unwrap(),
-        "--title",
-        "bench_http.bin",
-        "--version",
-        "3.0",
-        "--device",
-        "dev-http",
-    ]);
-    assert!(staged.status.success());
+    let image_file = gw.stage_firmware(&image, "bench_http.bin", "3.0", "dev-http");
     let sha = {
         let out = Command::new("sha256sum").arg(&image_file).output().unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
