@@ -621,6 +621,32 @@ mod tests {
         up_rx: mpsc::Receiver<UpMessage>,
     }
 
+    /// A router over a fresh state.db with `devices` registered and
+    /// `channel` as its only delivery channel; the uplink queue holds `cap`.
+    fn router_with(
+        devices: &[&str],
+        channel: Arc<dyn DeviceChannel>,
+        cap: usize,
+    ) -> (tempfile::TempDir, Router, mpsc::Receiver<UpMessage>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let reg = crate::registry::RegistryDb::open(&db).unwrap();
+        for d in devices {
+            reg.add(d, "sensor", None).unwrap();
+        }
+        let registry = Arc::new(Registry::load(&db).unwrap());
+        let attributes = Arc::new(AttributeStore::load(&db, &dir.path().join("fw")).unwrap());
+        let (up_tx, up_rx) = mpsc::channel(cap);
+        let router = Router::new(
+            registry,
+            attributes,
+            vec![channel],
+            Some((up_tx, Arc::new(UplinkStatus::default()))),
+            Duration::from_secs(5),
+        );
+        (dir, router, up_rx)
+    }
+
     /// A router whose only channel is a [`Switch`], devices offline.
     fn switched(
         devices: &[&str],
@@ -630,23 +656,8 @@ mod tests {
         Arc<Switch>,
         mpsc::Receiver<UpMessage>,
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("state.db");
-        let reg = crate::registry::RegistryDb::open(&db).unwrap();
-        for d in devices {
-            reg.add(d, "sensor", None).unwrap();
-        }
-        let registry = Arc::new(Registry::load(&db).unwrap());
-        let attributes = Arc::new(AttributeStore::load(&db, &dir.path().join("fw")).unwrap());
         let switch = Arc::new(Switch::default());
-        let (up_tx, up_rx) = mpsc::channel(256);
-        let router = Router::new(
-            registry,
-            attributes,
-            vec![switch.clone()],
-            Some((up_tx, Arc::new(UplinkStatus::default()))),
-            Duration::from_secs(5),
-        );
+        let (dir, router, up_rx) = router_with(devices, switch.clone(), 256);
         (dir, router, switch, up_rx)
     }
 
@@ -727,23 +738,8 @@ mod tests {
     }
 
     fn fixture(devices: &[&str]) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("state.db");
-        let reg = crate::registry::RegistryDb::open(&db).unwrap();
-        for d in devices {
-            reg.add(d, "sensor", None).unwrap();
-        }
-        let registry = Arc::new(Registry::load(&db).unwrap());
-        let attributes = Arc::new(AttributeStore::load(&db, &dir.path().join("fw")).unwrap());
         let device_pushes = Arc::new(Recorder::default());
-        let (up_tx, up_rx) = mpsc::channel(8);
-        let router = Router::new(
-            registry,
-            attributes,
-            vec![device_pushes.clone()],
-            Some((up_tx, Arc::new(UplinkStatus::default()))),
-            Duration::from_secs(5),
-        );
+        let (dir, router, up_rx) = router_with(devices, device_pushes.clone(), 8);
         Fixture {
             _dir: dir,
             router,
