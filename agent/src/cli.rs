@@ -13,6 +13,7 @@ use serde_json::Value as Json;
 use sluice_cloud_sync::outbox;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tracing_subscriber::filter::Targets;
 
 /// `println!` that ends the program quietly when stdout is gone (e.g.
 /// `sluice queue stats | head -1`) instead of panicking.
@@ -264,21 +265,44 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(cfg: &Config, cli_format: Option<&str>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{filter::LevelFilter, fmt, reload};
     let format = match cli_format {
         Some("json") => LogFormat::Json,
         Some(_) => LogFormat::Human,
         None => cfg.log_format,
     };
     let filter = std::env::var("SLUICE_LOG").unwrap_or_else(|_| cfg.log_level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = config::parse_log_filter(&filter)
+        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+    let (filter, handle) = reload::Layer::new(filter);
+    let _ = LOG_FILTER.set(handle);
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+        LogFormat::Human => registry.with(layer).init(),
     }
+}
+
+/// The running daemon's log filter, swappable at runtime.
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// Replaces the log filter of this process (`log.level` syntax, see
+/// [`config::parse_log_filter`]) without a restart.
+///
+/// Fails on an invalid filter, or when logging was not set up (only
+/// `sluice run` sets it up).
+pub fn set_log_filter(filter: &str) -> Result<(), String> {
+    let filter = config::parse_log_filter(filter)?;
+    LOG_FILTER
+        .get()
+        .ok_or_else(|| "logging is not set up in this process".to_string())?
+        .reload(filter)
+        .map_err(|e| e.to_string())
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), Failure> {

@@ -1055,6 +1055,43 @@ fn machine_gateway_id() -> Option<String> {
     (id.len() >= 12 && id.is_ascii()).then(|| format!("gw-{}", &id[..12]))
 }
 
+/// Parses a log filter (`log.level`, `SLUICE_LOG`): comma-separated
+/// `level`, `target` or `target=level` directives, e.g.
+/// `"sluice_agent::mqtt=debug,info"`. The most specific matching target
+/// wins; a bare level is the default for every other target (none: off).
+/// `RUST_LOG` syntax without span or field filters (`target[span]=level`).
+pub fn parse_log_filter(s: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    fn target(t: &str) -> Result<&str, String> {
+        if t.is_empty() {
+            Err("a directive has an empty target".into())
+        } else if t.contains(['[', ']', '{', '}']) {
+            Err(format!("{t:?}: span and field filters are not supported"))
+        } else if t.contains(char::is_whitespace) || t.contains('"') {
+            Err(format!("{t:?} is not a target"))
+        } else {
+            Ok(t)
+        }
+    }
+    let mut filter = Targets::new();
+    for d in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        filter = match d.split_once('=') {
+            Some((t, level)) => {
+                let level = level
+                    .trim()
+                    .parse::<LevelFilter>()
+                    .map_err(|_| format!("{:?} is not a level", level.trim()))?;
+                filter.with_target(target(t.trim())?, level)
+            }
+            None => match d.parse::<LevelFilter>() {
+                Ok(level) => filter.with_default(level),
+                Err(_) => filter.with_target(target(d)?, LevelFilter::TRACE),
+            },
+        };
+    }
+    Ok(filter)
+}
+
 fn valid_topic_level(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
@@ -1248,10 +1285,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
     };
-    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+    if let Err(e) = parse_log_filter(&raw.log.level) {
         return Err(invalid(
             "log.level",
-            format!("{:?} is not a log filter", raw.log.level),
+            format!("{:?} is not a log filter: {e}", raw.log.level),
         ));
     }
 
@@ -1859,5 +1896,32 @@ mod tests {
             .unwrap_err();
             assert!(e.to_string().starts_with("cloud.alpn:"), "{e}");
         }
+    }
+
+    #[test]
+    fn log_filters_parse_like_rust_log_without_spans() {
+        use tracing::Level;
+        let f = parse_log_filter("sluice_agent::mqtt=debug, warn ,hyper=off").unwrap();
+        assert!(f.would_enable("sluice_agent::mqtt::session", &Level::DEBUG));
+        assert!(!f.would_enable("sluice_agent::mqtt", &Level::TRACE));
+        assert!(!f.would_enable("sluice_agent::http", &Level::INFO));
+        assert!(f.would_enable("sluice_agent::http", &Level::WARN));
+        assert!(!f.would_enable("hyper::proto", &Level::ERROR));
+        let f = parse_log_filter("sluice_cloud_sync").unwrap();
+        assert!(f.would_enable("sluice_cloud_sync::uplink", &Level::TRACE));
+        assert!(!f.would_enable("sluice_agent", &Level::ERROR));
+        assert!(parse_log_filter("INFO").is_ok());
+        for bad in [
+            "a=loud",
+            "a[span]=debug",
+            "[{x}]=info",
+            "=info",
+            "a=b=c",
+            "a b",
+        ] {
+            assert!(parse_log_filter(bad).is_err(), "{bad}");
+        }
+        let e = raw("[gateway]\nid = \"g1\"\n[log]\nlevel = \"x[s]=debug\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("log.level:"), "{e}");
     }
 }

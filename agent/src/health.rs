@@ -67,8 +67,10 @@ pub struct HostSample {
 /// Samples the host; keeps the previous CPU counters so each sample gives
 /// the use since the last one.
 pub struct HostProbe {
-    system: sysinfo::System,
-    pid: Option<sysinfo::Pid>,
+    /// (busy, total) clock ticks of all CPUs (`/proc/stat`).
+    cpu: (u64, u64),
+    /// utime + stime of this process, clock ticks (`/proc/self/stat`).
+    process: u64,
     state_dir: PathBuf,
 }
 
@@ -76,42 +78,43 @@ impl HostProbe {
     /// A probe reporting the disk that holds `state_dir`. Takes the first
     /// CPU reading, so the first sample already covers a real interval.
     pub fn new(state_dir: &Path) -> Self {
-        let mut probe = Self {
-            system: sysinfo::System::new(),
-            pid: sysinfo::get_current_pid().ok(),
+        Self {
+            cpu: cpu_ticks().unwrap_or_default(),
+            process: process_ticks().unwrap_or_default(),
             state_dir: state_dir.to_owned(),
-        };
-        probe.refresh();
-        probe
-    }
-
-    fn refresh(&mut self) {
-        self.system.refresh_memory();
-        self.system.refresh_cpu_usage();
-        if let Some(pid) = self.pid {
-            self.system.refresh_processes_specifics(
-                sysinfo::ProcessesToUpdate::Some(&[pid]),
-                false,
-                sysinfo::ProcessRefreshKind::nothing()
-                    .with_memory()
-                    .with_cpu(),
-            );
         }
     }
 
-    /// Reads the host now (a few /proc and /sys files and one statvfs per
-    /// mount: blocking, call from a blocking thread).
+    /// Reads the host now (a few /proc and /sys files and one statvfs:
+    /// blocking, call from a blocking thread).
     pub fn sample(&mut self) -> HostSample {
-        self.refresh();
-        let process = self.pid.and_then(|p| self.system.process(p));
-        let cpus = self.system.cpus().len().max(1) as f64;
+        let cpu = cpu_ticks().unwrap_or(self.cpu);
+        let process = process_ticks().unwrap_or(self.process);
+        let busy = cpu.0.saturating_sub(self.cpu.0) as f64;
+        let total = cpu.1.saturating_sub(self.cpu.1) as f64;
+        let ran = process.saturating_sub(self.process) as f64;
+        self.cpu = cpu;
+        self.process = process;
+        let pct = |ticks: f64| {
+            if total > 0.0 {
+                (ticks / total * 100.0).clamp(0.0, 100.0)
+            } else {
+                0.0
+            }
+        };
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let system_total_bytes = kib_field(&meminfo, "MemTotal:").unwrap_or(0);
         let (disk_total_bytes, disk_available_bytes) = disk_of(&self.state_dir);
         HostSample {
-            process_cpu_pct: process.map_or(0.0, |p| f64::from(p.cpu_usage()) / cpus),
-            system_cpu_pct: f64::from(self.system.global_cpu_usage()),
-            process_rss_bytes: process.map_or(0, sysinfo::Process::memory),
-            system_total_bytes: self.system.total_memory(),
-            system_available_bytes: self.system.available_memory(),
+            process_cpu_pct: pct(ran),
+            system_cpu_pct: pct(busy),
+            process_rss_bytes: kib_field(&status, "VmRSS:").unwrap_or(0),
+            system_total_bytes,
+            system_available_bytes: kib_field(&meminfo, "MemAvailable:")
+                .or_else(|| kib_field(&meminfo, "MemFree:"))
+                .unwrap_or(0)
+                .min(system_total_bytes),
             disk_path: self.state_dir.clone(),
             disk_total_bytes,
             disk_available_bytes,
@@ -120,16 +123,64 @@ impl HostProbe {
     }
 }
 
-/// (total, available) bytes of the filesystem mounted deepest above `dir`.
-fn disk_of(dir: &Path) -> (u64, u64) {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
-    let disks = sysinfo::Disks::new_with_refreshed_list();
-    disks
-        .list()
-        .iter()
-        .filter(|d| dir.starts_with(d.mount_point()))
-        .max_by_key(|d| d.mount_point().components().count())
-        .map_or((0, 0), |d| (d.total_space(), d.available_space()))
+/// (busy, total) clock ticks of all CPUs from the `cpu` line of
+/// `/proc/stat`: user nice system idle iowait irq softirq steal (guest time
+/// is already counted in user and nice).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    cpu_ticks_of(stat.lines().next()?)
+}
+
+fn cpu_ticks_of(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.strip_prefix("cpu ")?.split_ascii_whitespace();
+    let mut t = [0u64; 8];
+    for v in &mut t {
+        *v = fields.next().map_or(Ok(0), str::parse).ok()?;
+    }
+    let total: u64 = t.iter().sum();
+    Some((total - t[3] - t[4], total))
+}
+
+/// utime + stime of this process, clock ticks (fields 14 and 15 of
+/// `/proc/self/stat`, counted after the parenthesised command name).
+fn process_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    process_ticks_of(&stat)
+}
+
+fn process_ticks_of(stat: &str) -> Option<u64> {
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_ascii_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The value of a `Key:   123 kB` line of `/proc/meminfo` or
+/// `/proc/PID/status`, in bytes.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find_map(|l| l.strip_prefix(key))?;
+    let kib: u64 = line.split_ascii_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// (total, available to unprivileged writers) bytes of the filesystem that
+/// holds `dir` (or its nearest existing ancestor); (0, 0) when unknown.
+pub(crate) fn disk_of(dir: &Path) -> (u64, u64) {
+    dir.ancestors()
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        })
+        .find_map(|d| rustix::fs::statvfs(d).ok())
+        .map_or((0, 0), |s| {
+            (
+                s.f_blocks.saturating_mul(s.f_frsize),
+                s.f_bavail.saturating_mul(s.f_frsize),
+            )
+        })
 }
 
 /// The hottest `thermal_zone*/temp` under `root` in °C (the files hold
@@ -520,6 +571,29 @@ mod tests {
         assert!(s.system_total_bytes > 0);
         assert!(s.disk_total_bytes > 0);
         assert!((0.0..=100.0).contains(&s.system_cpu_pct));
+        assert!((0.0..=100.0).contains(&s.process_cpu_pct));
+        assert_eq!(s.disk_path, dir.path());
+        // A directory that does not exist yet: the filesystem that will hold it.
+        assert_eq!(disk_of(&dir.path().join("a/b")).0, s.disk_total_bytes);
+    }
+
+    #[test]
+    fn proc_files_parse() {
+        assert_eq!(
+            cpu_ticks_of("cpu  100 5 50 800 20 3 2 1 7 0"),
+            Some((161, 981))
+        );
+        assert_eq!(cpu_ticks_of("cpu  1 2 3 4"), Some((6, 10)));
+        assert_eq!(cpu_ticks_of("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(cpu_ticks_of("cpu  1 x 3 4"), None);
+        // The command name may hold spaces and parentheses.
+        let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 17 4 0 0 20 0 3 0";
+        assert_eq!(process_ticks_of(stat), Some(21));
+        assert_eq!(process_ticks_of("42 (x) S 1"), None);
+        let meminfo = "MemTotal:        2000 kB\nMemFree:  10 kB\nMemAvailable:     1500 kB\n";
+        assert_eq!(kib_field(meminfo, "MemTotal:"), Some(2_048_000));
+        assert_eq!(kib_field(meminfo, "MemAvailable:"), Some(1_536_000));
+        assert_eq!(kib_field(meminfo, "SwapTotal:"), None);
     }
 
     #[test]
