@@ -1,17 +1,58 @@
-//! sluice-firmware: firmware staging for the devices behind the gateway.
+//! sluice-firmware: firmware for the gateway and the devices behind it, from
+//! the cloud's manifest to an image in the local store.
 //!
-//! Built so far: the **image store** — an image file copied into
-//! `state_dir/firmware/staging/`, hashed (SHA-256) while it is copied,
-//! fsynced, and renamed into `state_dir/firmware/ready/` only when complete,
-//! so a crash never leaves a partial image in `ready/` — and the chunk
-//! arithmetic of ThingsBoard's OTA flows ([`chunk_range`]). The agent keeps
-//! the index (title, version → file) in `state.db` and serves chunks over
-//! MQTT (`v2/fw/request/{r}/chunk/{k}`).
+//! Data flow: the agent verifies a signed envelope and hands its payload to
+//! [`manifest::Manifest::parse`] (strict validation, anti-rollback with
+//! [`manifest::Manifest::admits_over`] and [`version::compare_versions`]);
+//! [`download::download`] fetches the image over HTTPS (TLS via rustls/ring,
+//! a minimal HTTP/1.1 client of its own), resuming with `Range` after a
+//! network error or a restart, checks its SHA-256 and size, and publishes it
+//! in the **image store**; [`lwm2m::Transfer`] tracks the LwM2M object 5
+//! state and result code the agent reports (`P/firmware/state`). No module
+//! here spawns a task or owns a socket beyond one download call.
 //!
-//! **Not built yet** (issue "Firmware staging"): signed manifests from the
-//! cloud, resumable HTTPS downloads, anti-rollback, campaigns by device
-//! type, per-device progress tracking, HTTP and CoAP serving, gateway
-//! self-update hooks.
+//! The image store lives under the firmware root (`state_dir/firmware/`):
+//! `staging/` holds incomplete files (a download's `<sha256>.part` survives
+//! restarts), `ready/<sha256>.bin` holds complete, verified images, renamed
+//! there only once fsynced, so a crash never leaves a partial image in
+//! `ready/`. [`stage`] copies a local file into the same store;
+//! [`download::prune`] evicts old images. [`chunk_range`] and [`read_range`]
+//! serve images in ThingsBoard's OTA chunk numbering.
+//!
+//! ```no_run
+//! # async fn run(payload: &[u8], installed: Option<&str>) -> Result<(), Box<dyn std::error::Error>> {
+//! use sluice_firmware::{download, manifest::Manifest};
+//! use std::{path::Path, time::Duration};
+//!
+//! let m = Manifest::parse(payload, 64 << 20)?;
+//! if m.admits_over(installed) {
+//!     let req = download::Request {
+//!         url: &m.url,
+//!         size: m.size,
+//!         sha256: &m.sha256,
+//!         root: Path::new("/var/lib/sluice/firmware"),
+//!         tls: download::client_config(Path::new("/etc/ssl/certs/ca-certificates.crt"))?,
+//!         attempts: 8,
+//!         idle_timeout: Duration::from_secs(30),
+//!         free_bytes: 512 << 20,
+//!         margin: 16 << 20,
+//!     };
+//!     let image = download::download(&req, &mut |on_disk| println!("{on_disk} bytes")).await?;
+//!     println!("ready: {}", image.display());
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Left to the agent: the envelope's signature, the installed versions and
+//! the index in `state.db`, measuring free space, running one download per
+//! image at a time, campaigns and per-device progress, and handing images to
+//! devices or to the gateway's installer.
+
+pub mod download;
+pub mod lwm2m;
+pub mod manifest;
+pub mod url;
+pub mod version;
 
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
@@ -59,13 +100,37 @@ pub enum StageError {
     },
 }
 
-fn check_name(what: &'static str, value: &str) -> Result<(), StageError> {
-    let ok = !value.is_empty()
+/// The rule for titles and versions (of staged images and of manifests):
+/// 1-128 bytes, no control characters, no '/' or '\\' (they name files and
+/// index rows).
+pub(crate) fn name_ok(value: &str) -> bool {
+    !value.is_empty()
         && value.len() <= 128
         && !value
             .chars()
-            .any(|c| c.is_control() || c == '/' || c == '\\');
-    if ok {
+            .any(|c| c.is_control() || c == '/' || c == '\\')
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// `value` as a lower-case SHA-256 hex digest, if it is 64 hex digits of
+/// either case.
+pub(crate) fn sha256_hex(value: &str) -> Option<String> {
+    (value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| value.to_ascii_lowercase())
+}
+
+fn check_name(what: &'static str, value: &str) -> Result<(), StageError> {
+    if name_ok(value) {
         Ok(())
     } else {
         Err(StageError::BadName {
@@ -113,7 +178,7 @@ pub fn stage(root: &Path, src: &Path, title: &str, version: &str) -> Result<Imag
     }
     out.sync_all().map_err(io(&tmp))?;
     drop(out);
-    let sha256: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = hex(&hash.finalize());
     let path = ready.join(format!("{sha256}.bin"));
     fs::rename(&tmp, &path).map_err(io(&path))?;
     File::open(&ready)
