@@ -160,6 +160,7 @@ impl AdminContext {
             "commands_pending": self.router.pending(),
             "commands_parked": self.router.parked(),
             "rules": serde_json::to_value(self.pipeline.counters().await).unwrap_or(Json::Null),
+            "firmware": self.router.firmware_summary(),
         })
     }
 }
@@ -305,6 +306,7 @@ async fn answer(line: &str, ctx: &AdminContext) -> Json {
                 })
             })
             .await;
+            ctx.router.wake_firmware();
             match reloaded {
                 Ok(Ok(n)) => json!({"ok": true, "result": {"changed": n}}),
                 Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),

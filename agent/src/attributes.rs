@@ -412,15 +412,32 @@ impl AttributeStore {
     }
 }
 
+/// What a local staging did: the image, the devices it targets, and those
+/// admitted at once (the others wait for a free campaign slot).
+#[derive(Debug)]
+pub struct Staged {
+    /// The image in `ready/`.
+    pub image: Image,
+    /// Every targeted device.
+    pub targets: Vec<String>,
+    /// Devices whose `fw_*` attributes were set now.
+    pub admitted: Vec<String>,
+}
+
 /// Stages `src` as firmware `title`/`version` (see [`sluice_firmware::stage`])
-/// under `firmware_root`, indexes it in `state_db`, and points each of
-/// `devices` at it by setting their shared `fw_title`, `fw_version`,
-/// `fw_size`, `fw_checksum` and `fw_checksum_algorithm` (the ThingsBoard OTA
-/// attributes). Used by `sluice firmware stage`; a running daemon must then
-/// [`AttributeStore::reload`] those devices.
+/// under `firmware_root`, indexes it in `state_db` and queues a campaign
+/// ([`crate::campaign`]) for `devices` and every active device of one of
+/// `types`; up to `max_concurrent` devices are admitted at once (their
+/// ThingsBoard OTA shared attributes set). A device whose running or
+/// campaigned version is not older is refused unless `allow_downgrade`.
+/// The staging is recorded in the firmware audit with `actor`. Used by
+/// `sluice firmware stage`; a running daemon must then
+/// [`AttributeStore::reload`] the admitted devices.
 ///
-/// Fails when staging fails, a device is not registered, or state.db cannot
-/// be written (then nothing is indexed and no attribute changed).
+/// Fails when no device is targeted, a named device is not registered, a
+/// version is refused, staging fails, or state.db cannot be written (then
+/// nothing is indexed and no attribute changed).
+#[allow(clippy::too_many_arguments)]
 pub fn stage_firmware(
     state_db: &Path,
     firmware_root: &Path,
@@ -428,9 +445,14 @@ pub fn stage_firmware(
     title: &str,
     version: &str,
     devices: &[DeviceName],
-) -> anyhow::Result<Image> {
+    types: &[String],
+    max_concurrent: usize,
+    allow_downgrade: bool,
+    actor: &str,
+) -> anyhow::Result<Staged> {
     use anyhow::Context;
     let mut conn = statedb::open(state_db)?;
+    let mut targets: Vec<String> = Vec::new();
     for d in devices {
         let known: bool = conn
             .query_row(
@@ -440,46 +462,59 @@ pub fn stage_firmware(
             )
             .context("reading the device registry")?;
         anyhow::ensure!(known, "no active device named {:?}", d.as_str());
+        targets.push(d.as_str().to_owned());
     }
-    let img = sluice_firmware::stage(firmware_root, src, title, version)?;
-    let tx = conn.transaction().context("state.db")?;
-    tx.execute(
-        "INSERT INTO firmware_images (title, version, size, sha256, file, staged_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (title, version) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256,
-             file = excluded.file, staged_ms = excluded.staged_ms",
-        params![
-            img.title,
-            img.version,
-            i64::try_from(img.size).unwrap_or(i64::MAX),
-            img.sha256,
-            img.path.to_string_lossy(),
-            now_ms()
-        ],
-    )
-    .context("indexing the image")?;
-    let attrs = [
-        ("fw_title", Json::String(img.title.clone())),
-        ("fw_version", Json::String(img.version.clone())),
-        ("fw_size", Json::from(img.size)),
-        ("fw_checksum", Json::String(img.sha256.clone())),
-        ("fw_checksum_algorithm", Json::String("SHA256".into())),
-    ];
-    for d in devices {
-        for (k, v) in &attrs {
-            write_one(
-                &tx,
-                &Write::Key {
-                    device: d.as_str().to_owned(),
-                    scope: Scope::Shared,
-                    key: (*k).to_owned(),
-                    value: Some(v.to_string()),
-                },
-            )
-            .context("setting the fw_* shared attributes")?;
+    for t in types {
+        let mut stmt = conn
+            .prepare("SELECT name FROM devices WHERE type = ?1 AND revoked = 0 ORDER BY name")
+            .context("reading the device registry")?;
+        let names: Vec<String> = stmt
+            .query_map([t], |r| r.get(0))
+            .and_then(Iterator::collect)
+            .context("reading the device registry")?;
+        for n in names {
+            if !targets.contains(&n) {
+                targets.push(n);
+            }
         }
     }
-    tx.commit().context("state.db commit")?;
-    Ok(img)
+    anyhow::ensure!(
+        !targets.is_empty(),
+        "no device to update: name --device NAME or --type TYPE (a type with no active device targets nothing)"
+    );
+    for d in &targets {
+        let installed = crate::campaign::floor(&conn, d).context("reading firmware state")?;
+        let newer = installed.as_deref().is_none_or(|i| {
+            sluice_firmware::manifest::compare_versions(version, i).is_gt()
+                || (allow_downgrade && version != i)
+        });
+        anyhow::ensure!(
+            newer,
+            "{d}: version {version} is not newer than {} (use --allow-downgrade to go back)",
+            installed.unwrap_or_default()
+        );
+    }
+    let img = sluice_firmware::stage(firmware_root, src, title, version)?;
+    crate::campaign::enqueue(&mut conn, &img, &targets).context("queueing the campaign")?;
+    let admitted = crate::campaign::admit(&mut conn, max_concurrent)
+        .context("admitting devices")?
+        .into_iter()
+        .map(|(d, _, _)| d)
+        .collect();
+    crate::campaign::audit(
+        &conn,
+        "cli",
+        actor,
+        "staged",
+        &serde_json::json!({"title": img.title, "version": img.version, "sha256": img.sha256,
+            "size": img.size, "targets": targets, "allow_downgrade": allow_downgrade}),
+    )
+    .context("writing the firmware audit")?;
+    Ok(Staged {
+        image: img,
+        targets,
+        admitted,
+    })
 }
 
 /// The staged images, newest first, for `sluice firmware list`.
@@ -575,11 +610,28 @@ mod tests {
         let s = AttributeStore::load(&db, &root).unwrap();
         let src = dir.path().join("img");
         std::fs::write(&src, vec![7u8; 3000]).unwrap();
+        let stage = |version: &str, devices: &[&str], types: &[&str], downgrade: bool| {
+            let devices: Vec<DeviceName> = devices.iter().map(|d| DeviceName::new(*d)).collect();
+            let types: Vec<String> = types.iter().map(|t| (*t).to_owned()).collect();
+            stage_firmware(
+                &db, &root, &src, "fw", version, &devices, &types, 10, downgrade, "test",
+            )
+        };
         assert!(
-            stage_firmware(&db, &root, &src, "fw", "1.0", &[DeviceName::new("ghost")]).is_err(),
+            stage("1.0", &["ghost"], &[], false).is_err(),
             "unknown devices are refused"
         );
-        let img = stage_firmware(&db, &root, &src, "fw", "1.0", &[DeviceName::new("a")]).unwrap();
+        assert!(
+            stage("1.0", &[], &["nosuchtype"], false).is_err(),
+            "a campaign must target someone"
+        );
+        let staged = stage("1.0", &["a"], &[], false).unwrap();
+        assert_eq!(staged.admitted, ["a"]);
+        let img = staged.image;
+        assert!(
+            stage("0.9", &["a"], &[], false).is_err(),
+            "no silent downgrade"
+        );
         let changes = s
             .reload(&[DeviceName::new("a"), DeviceName::new("b")])
             .unwrap();
@@ -588,6 +640,9 @@ mod tests {
         assert_eq!(s.firmware_for(&DeviceName::new("a")), Some(img.clone()));
         assert_eq!(s.firmware_for(&DeviceName::new("b")), None);
         assert_eq!(list_firmware(&db).unwrap()[0].0, img);
+        // By type: both devices of type t, the downgrade allowed.
+        let staged = stage("0.9", &[], &["t"], true).unwrap();
+        assert_eq!(staged.targets, ["a", "b"]);
         s.close();
     }
 }

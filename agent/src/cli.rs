@@ -101,8 +101,9 @@ enum FleetCmd {
         /// Private key file to create.
         out: PathBuf,
     },
-    /// Print the signed envelope of FILE's bytes (a fleet configuration
-    /// payload `{"version":N,"config":{…}}`), to publish on P/config.
+    /// Print the signed envelope of FILE's bytes — a fleet configuration
+    /// payload `{"version":N,"config":{…}}` (publish on P/config) or a
+    /// firmware manifest (publish on P/firmware).
     Sign {
         /// Private key file (from `fleet keygen`).
         #[arg(long)]
@@ -114,9 +115,11 @@ enum FleetCmd {
 
 #[derive(Subcommand, Debug)]
 enum FirmwareCmd {
-    /// Stage a local image and point devices at it: sets their shared
-    /// attributes fw_title, fw_version, fw_size, fw_checksum (SHA-256) and
-    /// fw_checksum_algorithm, pushed at once to connected devices.
+    /// Stage a local image and start a campaign for devices: up to
+    /// firmware.max_concurrent_devices at once get the shared attributes
+    /// fw_title, fw_version, fw_size, fw_checksum (SHA-256) and
+    /// fw_checksum_algorithm (pushed at once to connected devices), the
+    /// others when a slot frees. Recorded in the firmware audit.
     Stage {
         /// The image file.
         file: PathBuf,
@@ -127,8 +130,34 @@ enum FirmwareCmd {
         #[arg(long)]
         version: String,
         /// A target device (repeat for more).
-        #[arg(long = "device", required = true)]
+        #[arg(long = "device")]
         devices: Vec<String>,
+        /// Every active device of this type (repeat for more).
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// Allow a version that is not newer than what a target runs.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// The image is for the gateway itself: hand it to the installer
+        /// (firmware.install_command, through sluice-update@.service or
+        /// directly, see firmware.handoff); committed or rolled back after
+        /// the restart that follows.
+        #[arg(long, conflicts_with_all = ["devices", "types"])]
+        gateway: bool,
+    },
+    /// Install the pending gateway image SHA256 (what the privileged
+    /// sluice-update@SHA256.service runs; needs root): re-verifies
+    /// ready/SHA256.bin and runs firmware.install_command on it.
+    Install {
+        /// The image's SHA-256 (lower-case hex).
+        sha256: String,
+    },
+    /// Downloads, campaigns and per-device progress (works with the daemon
+    /// stopped).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List staged images.
     List {
@@ -437,6 +466,185 @@ fn tail(cfg: &Config, device: Option<String>, dropped: bool, json: bool) -> Resu
     Ok(())
 }
 
+/// Who runs the CLI, for the firmware audit: `$SUDO_USER`, `$USER`, or the
+/// uid.
+fn actor() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self")
+                .map_or_else(|_| "unknown".into(), |m| format!("uid {}", m.uid()))
+        })
+}
+
+/// A text progress bar, `[#####.....]  50%`.
+fn progress_bar(done: u64, total: u64, width: usize) -> String {
+    let frac = if total == 0 {
+        1.0
+    } else {
+        (done as f64 / total as f64).clamp(0.0, 1.0)
+    };
+    let filled = (frac * width as f64).round() as usize;
+    format!(
+        "[{}{}] {:>3}%",
+        "#".repeat(filled),
+        ".".repeat(width - filled),
+        (frac * 100.0).round() as u64
+    )
+}
+
+fn firmware_status(cfg: &Config, json: bool) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let fail = |e: String| Failure {
+        code: 1,
+        message: e,
+    };
+    let mut status = if cfg.state_db_path().exists() {
+        let conn = sluice_cloud_sync::statedb::open(&cfg.state_db_path())
+            .map_err(|e| fail(e.to_string()))?;
+        crate::campaign::status(&conn).map_err(|e| fail(format!("state.db: {e}")))?
+    } else {
+        serde_json::json!({"downloads": [], "campaigns": []})
+    };
+    // Bytes on disk of downloads still running.
+    if let Some(list) = status["downloads"].as_array_mut() {
+        for d in list {
+            let sha = d["sha256"].as_str().unwrap_or_default().to_owned();
+            let bytes = if d["state"] == "ready" {
+                d["size"].as_u64().unwrap_or(0)
+            } else {
+                sluice_firmware::download::partial_len(&cfg.firmware_dir(), &sha)
+            };
+            d["bytes"] = serde_json::json!(bytes);
+        }
+    }
+    status["gateway"] = serde_json::json!({"version": crate::selfupdate::installed_version(cfg)});
+    if json {
+        return print_json(&status);
+    }
+    let tty = std::io::stdout().is_terminal();
+    outln!(
+        "gateway runs {}",
+        status["gateway"]["version"].as_str().unwrap_or("?")
+    );
+    let downloads = status["downloads"].as_array().cloned().unwrap_or_default();
+    if downloads.is_empty() {
+        outln!("no firmware manifests received");
+    } else {
+        outln!(
+            "\n{:<20} {:<10} {:<12} {:<22} PROGRESS",
+            "TITLE",
+            "VERSION",
+            "STATE",
+            "RESULT"
+        );
+        for d in &downloads {
+            let (bytes, size) = (
+                d["bytes"].as_u64().unwrap_or(0),
+                d["size"].as_u64().unwrap_or(0),
+            );
+            let progress = if tty {
+                format!("{} {bytes}/{size} B", progress_bar(bytes, size, 20))
+            } else {
+                format!("{bytes}/{size} B")
+            };
+            outln!(
+                "{:<20} {:<10} {:<12} {:<22} {progress}{}",
+                d["title"].as_str().unwrap_or(""),
+                d["version"].as_str().unwrap_or(""),
+                d["state"].as_str().unwrap_or(""),
+                d["result"].as_str().unwrap_or(""),
+                d["error"]
+                    .as_str()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let campaigns = status["campaigns"].as_array().cloned().unwrap_or_default();
+    if !campaigns.is_empty() {
+        outln!(
+            "\n{:<24} {:<20} {:<10} {:<8} {:<12} NOTE",
+            "DEVICE",
+            "TITLE",
+            "VERSION",
+            "STATE",
+            "FW_STATE"
+        );
+        for c in &campaigns {
+            outln!(
+                "{:<24} {:<20} {:<10} {:<8} {:<12} {}",
+                c["device"].as_str().unwrap_or(""),
+                c["title"].as_str().unwrap_or(""),
+                c["version"].as_str().unwrap_or(""),
+                c["state"].as_str().unwrap_or(""),
+                c["fw_state"].as_str().unwrap_or("-"),
+                c["error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `sluice firmware stage --gateway`: stage, check anti-rollback against
+/// the installed version, hand off to the installer.
+fn stage_gateway(
+    cfg: &Config,
+    file: &std::path::Path,
+    title: &str,
+    version: &str,
+    allow_downgrade: bool,
+) -> Result<(), Failure> {
+    use crate::selfupdate;
+    init_logging(cfg, None);
+    let fail = |message: String| Failure { code: 1, message };
+    if cfg.firmware.install_command.is_none() {
+        return Err(fail(selfupdate::SelfUpdateError::Disabled.to_string()));
+    }
+    let installed = selfupdate::installed_version(cfg);
+    let newer = sluice_firmware::version::compare_versions(version, &installed).is_gt();
+    if !newer && !allow_downgrade {
+        return Err(fail(format!(
+            "refusing gateway version {version}: it is not newer than the installed {installed} (--allow-downgrade to install it anyway)"
+        )));
+    }
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    let img = sluice_firmware::stage(&cfg.firmware_dir(), file, title, version)
+        .map_err(|e| fail(e.to_string()))?;
+    tracing::info!(actor = %actor(), action = "stage", target = "gateway", title, version,
+        from_version = %installed, sha256 = %img.sha256, downgrade = !newer,
+        "local firmware staging");
+    let audit = sluice_cloud_sync::statedb::open(&cfg.state_db_path())
+        .map_err(|e| fail(e.to_string()))
+        .and_then(|conn| {
+            crate::campaign::audit(
+                &conn,
+                "cli",
+                &actor(),
+                "staged",
+                &serde_json::json!({"target": "gateway", "title": title, "version": version,
+                    "from_version": installed, "sha256": img.sha256, "size": img.size,
+                    "allow_downgrade": allow_downgrade}),
+            )
+            .map_err(|e| fail(format!("state.db: {e}")))
+        });
+    audit?;
+    match selfupdate::hand_off(cfg, &img.path, &img.sha256, title, version)
+        .map_err(|e| fail(e.to_string()))?
+    {
+        selfupdate::HandOff::Started { unit } => outln!(
+            "staged gateway {title} {version} (sha256 {}); {unit} installs it, the daemon commits or rolls it back after the restart",
+            img.sha256
+        ),
+        selfupdate::HandOff::Installed => outln!(
+            "installed gateway {title} {version} (sha256 {}); the daemon commits or rolls it back after the restart",
+            img.sha256
+        ),
+    }
+    Ok(())
+}
+
 fn firmware(cfg: &Config, cmd: FirmwareCmd) -> Result<(), Failure> {
     use sluice_cloud_sync::DeviceName;
     match cmd {
@@ -445,30 +653,43 @@ fn firmware(cfg: &Config, cmd: FirmwareCmd) -> Result<(), Failure> {
             title,
             version,
             devices,
+            types,
+            allow_downgrade,
+            gateway: false,
         } => {
             std::fs::create_dir_all(&cfg.state_dir)?;
             let targets: Vec<DeviceName> = devices.iter().map(DeviceName::new).collect();
-            let img = crate::attributes::stage_firmware(
+            let staged = crate::attributes::stage_firmware(
                 &cfg.state_db_path(),
                 &cfg.firmware_dir(),
                 &file,
                 &title,
                 &version,
                 &targets,
+                &types,
+                cfg.firmware.max_concurrent_devices,
+                allow_downgrade,
+                &actor(),
             )
             .map_err(|e| Failure {
                 code: 1,
                 message: format!("{e:#}"),
             })?;
+            let img = &staged.image;
             outln!(
-                "staged {} {} ({} bytes, sha256 {}) for {}",
+                "staged {} {} ({} bytes, sha256 {}) for {}; updating now: {}",
                 img.title,
                 img.version,
                 img.size,
                 img.sha256,
-                devices.join(", ")
+                staged.targets.join(", "),
+                if staged.admitted.is_empty() {
+                    "none (waiting for a free slot)".to_owned()
+                } else {
+                    staged.admitted.join(", ")
+                }
             );
-            let req = serde_json::json!({"cmd": "reload_attributes", "devices": devices});
+            let req = serde_json::json!({"cmd": "reload_attributes", "devices": staged.admitted});
             match admin::request_with(&cfg.admin_socket, req) {
                 Ok(_) => eprintln!(
                     "(the running daemon pushed the fw_* attributes to connected devices)"
@@ -477,6 +698,22 @@ fn firmware(cfg: &Config, cmd: FirmwareCmd) -> Result<(), Failure> {
                 Err(e) => eprintln!("warning: the running daemon did not reload attributes: {e}"),
             }
             Ok(())
+        }
+        FirmwareCmd::Status { json } => firmware_status(cfg, json),
+        FirmwareCmd::Stage {
+            file,
+            title,
+            version,
+            allow_downgrade,
+            gateway: true,
+            ..
+        } => stage_gateway(cfg, &file, &title, &version, allow_downgrade),
+        FirmwareCmd::Install { sha256 } => {
+            init_logging(cfg, None);
+            crate::selfupdate::install(cfg, &sha256).map_err(|e| Failure {
+                code: 1,
+                message: e.to_string(),
+            })
         }
         FirmwareCmd::List { json } => {
             let list =
@@ -531,11 +768,12 @@ fn fleet(cmd: &FleetCmd) -> Result<(), Failure> {
                 code: 2,
                 message: format!("{}: not JSON: {e}", file.display()),
             })?;
-            if v.get("version")
+            let fleet = v
+                .get("version")
                 .and_then(Json::as_u64)
-                .is_none_or(|n| n == 0)
-                || !v.get("config").is_some_and(Json::is_object)
-            {
+                .is_some_and(|n| n > 0)
+                && v.get("config").is_some_and(Json::is_object);
+            if !fleet && v.get("config").is_some() {
                 return Err(Failure {
                     code: 2,
                     message: format!(
@@ -543,6 +781,18 @@ fn fleet(cmd: &FleetCmd) -> Result<(), Failure> {
                         file.display()
                     ),
                 });
+            }
+            if !fleet {
+                // Otherwise it must be a firmware manifest.
+                sluice_firmware::manifest::Manifest::parse(&payload, u64::MAX).map_err(|e| {
+                    Failure {
+                        code: 2,
+                        message: format!(
+                            "{}: neither a fleet payload {{\"version\":N,\"config\":{{…}}}} nor a firmware manifest: {e}",
+                            file.display()
+                        ),
+                    }
+                })?;
             }
             outln!("{}", crate::fleet::sign(key, &payload)?);
             Ok(())

@@ -946,8 +946,8 @@ impl Server<'_> {
     fn firmware(&self, req: &Request, device: &DeviceName) -> Answer {
         let Some(img) = self.ctx.router.attributes().firmware_for(device) else {
             return Answer::text(
-                ResponseType::NotFound,
-                "no firmware is staged for this device",
+                ResponseType::Forbidden,
+                "this device is not targeted by a firmware campaign",
             );
         };
         if req.query(&["title"]).is_some_and(|t| t != img.title)

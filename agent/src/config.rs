@@ -174,6 +174,9 @@ pub struct RawConfig {
     /// `[[devices]]`: devices provisioned by configuration (merged into the
     /// registry at start).
     pub devices: Vec<RawDevice>,
+    /// `[firmware]`: firmware manifests, downloads, device campaigns and the
+    /// gateway's self-update hooks.
+    pub firmware: RawFirmware,
 }
 
 /// A `[[devices]]` entry: a device provisioned by configuration (the local
@@ -341,6 +344,186 @@ fn validate_fleet(f: &RawFleet) -> Result<FleetConfig, ConfigError> {
     Ok(FleetConfig {
         trusted_keys: keys,
         confirm_timeout,
+    })
+}
+
+/// `[firmware]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFirmware {
+    /// Ready images kept besides the ones a campaign or the gateway uses.
+    pub keep: u32,
+    /// Devices fetching an image at the same time (the others wait their
+    /// turn: their `fw_*` attributes are set when a slot frees).
+    pub max_concurrent_devices: u32,
+    /// A device with no progress this long is marked FAILED (timeout) and
+    /// its slot freed.
+    pub device_timeout: DurationValue,
+    /// Attempts per download before it is reported failed.
+    pub download_retries: u32,
+    /// A download that receives nothing this long is retried.
+    pub idle_timeout: DurationValue,
+    /// Free space required beyond the image's size before downloading.
+    pub free_space_margin: SizeValue,
+    /// Largest image a manifest may announce.
+    pub max_size: SizeValue,
+    /// CA bundle (PEM) trusted for manifest URLs.
+    pub ca_file: PathBuf,
+    /// The version the gateway runs ("" = sluice's own version): the
+    /// anti-rollback floor for manifests that target the gateway.
+    pub gateway_version: String,
+    /// How a verified gateway image reaches the installer: `systemd`
+    /// (`systemctl start sluice-update@SHA.service`) or `direct` (the daemon
+    /// runs `install_command` itself; for systems without systemd).
+    pub handoff: String,
+    /// Installer for gateway images, `{path}` = the verified image (e.g.
+    /// `rauc install {path}`); empty = gateway self-update off.
+    pub install_command: String,
+    /// Run after the restart that follows an install once the uplink is
+    /// healthy (e.g. `rauc status mark-good`).
+    pub commit_command: String,
+    /// Run when the uplink does not come up within `confirm_timeout` after
+    /// that restart (e.g. `rauc status mark-bad && systemctl reboot`).
+    pub rollback_command: String,
+    /// How long the restarted gateway has to reach the cloud.
+    pub confirm_timeout: DurationValue,
+}
+
+impl Default for RawFirmware {
+    fn default() -> Self {
+        Self {
+            keep: 3,
+            max_concurrent_devices: 10,
+            device_timeout: DurationValue::Text("30m".into()),
+            download_retries: 5,
+            idle_timeout: DurationValue::Text("30s".into()),
+            free_space_margin: SizeValue::Text("16MiB".into()),
+            max_size: SizeValue::Text("1GiB".into()),
+            ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            gateway_version: String::new(),
+            handoff: "systemd".into(),
+            install_command: String::new(),
+            commit_command: String::new(),
+            rollback_command: String::new(),
+            confirm_timeout: DurationValue::Text("10m".into()),
+        }
+    }
+}
+
+/// How a gateway image reaches its installer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// `systemctl start --no-block sluice-update@SHA.service`.
+    Systemd,
+    /// The daemon runs `install_command` itself.
+    Direct,
+}
+
+/// The validated `[firmware]` section.
+#[derive(Debug, Clone)]
+pub struct FirmwareConfig {
+    /// Ready images kept besides those in use.
+    pub keep: usize,
+    /// Devices fetching at the same time.
+    pub max_concurrent_devices: usize,
+    /// No progress this long → FAILED (timeout).
+    pub device_timeout: Duration,
+    /// Attempts per download.
+    pub download_retries: u32,
+    /// Idle-read timeout of a download.
+    pub idle_timeout: Duration,
+    /// Free space needed beyond the image.
+    pub free_space_margin: u64,
+    /// Largest image accepted.
+    pub max_size: u64,
+    /// Trust for manifest URLs.
+    pub ca_file: PathBuf,
+    /// The gateway's installed version.
+    pub gateway_version: String,
+    /// How the installer is started.
+    pub handoff: Handoff,
+    /// Installer template (`{path}`); `None` = self-update off.
+    pub install_command: Option<String>,
+    /// Commit command (`None` = nothing to run).
+    pub commit_command: Option<String>,
+    /// Rollback command (`None` = nothing to run).
+    pub rollback_command: Option<String>,
+    /// Window for the uplink after a self-update restart.
+    pub confirm_timeout: Duration,
+}
+
+fn validate_firmware(f: &RawFirmware) -> Result<FirmwareConfig, ConfigError> {
+    let duration = |key: &'static str, v: &DurationValue| {
+        parse_duration(v)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| invalid(key, format!("{v} is not a duration like \"60s\"")))
+    };
+    if f.max_concurrent_devices == 0 {
+        return Err(invalid(
+            "firmware.max_concurrent_devices",
+            "must be at least 1",
+        ));
+    }
+    if f.download_retries == 0 {
+        return Err(invalid("firmware.download_retries", "must be at least 1"));
+    }
+    let handoff = match f.handoff.as_str() {
+        "systemd" => Handoff::Systemd,
+        "direct" => Handoff::Direct,
+        other => {
+            return Err(invalid(
+                "firmware.handoff",
+                format!("{other:?} is not \"systemd\" or \"direct\""),
+            ));
+        }
+    };
+    let command = |key: &'static str, v: &str| -> Result<Option<String>, ConfigError> {
+        let v = v.trim();
+        if v.is_empty() {
+            Ok(None)
+        } else if v.contains('\n') || v.contains('\0') {
+            Err(invalid(key, "must be one line"))
+        } else {
+            Ok(Some(v.to_owned()))
+        }
+    };
+    let install_command = command("firmware.install_command", &f.install_command)?;
+    if install_command
+        .as_deref()
+        .is_some_and(|c| !c.contains("{path}"))
+    {
+        return Err(invalid(
+            "firmware.install_command",
+            "must contain {path} (the verified image), e.g. \"rauc install {path}\"",
+        ));
+    }
+    let gateway_version = if f.gateway_version.trim().is_empty() {
+        env!("CARGO_PKG_VERSION").to_owned()
+    } else {
+        f.gateway_version.trim().to_owned()
+    };
+    Ok(FirmwareConfig {
+        keep: f.keep as usize,
+        max_concurrent_devices: f.max_concurrent_devices as usize,
+        device_timeout: duration("firmware.device_timeout", &f.device_timeout)?,
+        download_retries: f.download_retries,
+        idle_timeout: duration("firmware.idle_timeout", &f.idle_timeout)?,
+        free_space_margin: parse_size(&f.free_space_margin).ok_or_else(|| {
+            invalid(
+                "firmware.free_space_margin",
+                format!("{} is not a size", f.free_space_margin),
+            )
+        })?,
+        max_size: parse_size(&f.max_size)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid("firmware.max_size", format!("{} is not a size", f.max_size)))?,
+        ca_file: f.ca_file.clone(),
+        gateway_version,
+        handoff,
+        install_command,
+        commit_command: command("firmware.commit_command", &f.commit_command)?,
+        rollback_command: command("firmware.rollback_command", &f.rollback_command)?,
+        confirm_timeout: duration("firmware.confirm_timeout", &f.confirm_timeout)?,
     })
 }
 
@@ -935,6 +1118,8 @@ pub struct Config {
     pub allow_reboot: bool,
     /// Telemetry rules, validated (not yet wired into the listeners).
     pub rules: Vec<crate::rules::RuleConfig>,
+    /// Firmware manifests, downloads, campaigns, self-update.
+    pub firmware: FirmwareConfig,
     /// The effective raw configuration (for `check-config`).
     pub raw: RawConfig,
 }
@@ -1159,6 +1344,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(f) => Some(validate_fleet(f)?),
     };
     let devices = validate_devices(&raw.devices)?;
+    let firmware = validate_firmware(&raw.firmware)?;
 
     let o = &raw.outbox;
     let max_bytes = parse_size(&o.max_bytes)
@@ -1332,6 +1518,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         health_interval,
         allow_reboot: raw.commands.allow_reboot,
         rules,
+        firmware,
         raw,
     })
 }

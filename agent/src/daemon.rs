@@ -420,6 +420,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         };
         tokio::spawn(task.run(rx, listeners_cancel.clone()))
     });
+    // A gateway update handed to the installer before the restart that
+    // brought us here: committed once the uplink is up within
+    // firmware.confirm_timeout, else rolled back (selfupdate.rs).
+    tokio::spawn({
+        let (cfg, router, uplink) = (cfg.clone(), router.clone(), admin_ctx_uplink.clone());
+        let cancel = listeners_cancel.clone();
+        async move {
+            let connected = move || uplink.as_ref().is_some_and(|u| u.connected());
+            let report = move |doc: serde_json::Value| {
+                tracing::info!(report = %doc, "gateway update outcome");
+                router.up(sluice_cloud_sync::downlink::UpMessage::FirmwareState(
+                    doc.to_string().into_bytes(),
+                ));
+            };
+            tokio::select! {
+                () = crate::selfupdate::confirm(cfg, connected, report) => {}
+                () = cancel.cancelled() => {}
+            }
+        }
+    });
+    // Firmware manifests, downloads and campaigns.
+    let ota_task = {
+        let (ota, ota_rx) = crate::ota::OtaHandle::new();
+        router.set_firmware(ota.clone());
+        pipeline.set_firmware(ota.clone());
+        tokio::spawn(crate::ota::run(
+            cfg.clone(),
+            ota,
+            ota_rx,
+            router.clone(),
+            registry.clone(),
+            listeners_cancel.clone(),
+        ))
+    };
     let upkeep_outbox = outbox.clone();
     let upkeep_cancel = listeners_cancel.clone();
     let upkeep_clock = clock.clone();
@@ -494,6 +528,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     if let Some(t) = fleet_task {
         let _ = t.await;
     }
+    let _ = ota_task.await;
     if let Some(t) = rules_task {
         let _ = t.await;
     }

@@ -131,6 +131,7 @@ pub struct Router {
     pending: Mutex<HashMap<(DeviceName, u32), Pending>>,
     parked: Mutex<ParkedCommands>,
     fleet: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    firmware: Mutex<Option<crate::ota::OtaHandle>>,
     /// The gateway id and where commands addressed to it go.
     gateway: Mutex<Option<(String, mpsc::Sender<Command>)>>,
     next_id: AtomicU32,
@@ -163,6 +164,7 @@ impl Router {
             pending: Mutex::new(HashMap::new()),
             parked: Mutex::new(ParkedCommands::default()),
             fleet: Mutex::new(None),
+            firmware: Mutex::new(None),
             gateway: Mutex::new(None),
             next_id: AtomicU32::new(1),
             stats: RouterStats::default(),
@@ -199,6 +201,30 @@ impl Router {
         }
     }
 
+    /// Where firmware manifest envelopes from `P/firmware` go.
+    pub fn set_firmware(&self, ota: crate::ota::OtaHandle) {
+        if let Ok(mut g) = self.firmware.lock() {
+            *g = Some(ota);
+        }
+    }
+
+    /// What the firmware task last summarised for `sluice status`
+    /// (`null` before it ran).
+    pub fn firmware_summary(&self) -> Json {
+        self.firmware
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(crate::ota::OtaHandle::summary))
+            .unwrap_or(Json::Null)
+    }
+
+    /// Tells the firmware task that state.db changed (local staging).
+    pub fn wake_firmware(&self) {
+        if let Some(ota) = self.firmware.lock().ok().and_then(|g| g.clone()) {
+            ota.send(crate::ota::Event::Wake);
+        }
+    }
+
     /// Commands whose `device` is `gateway_id` go to `tx` (the gateway's
     /// own methods, [`crate::health`]) instead of a device, even when a
     /// device of that name is registered.
@@ -228,6 +254,14 @@ impl Router {
                     }
                     None => tracing::warn!(
                         "a fleet configuration arrived on P/config but [fleet] is not configured; ignored"
+                    ),
+                }
+            }
+            CloudRequest::Firmware(envelope) => {
+                match self.firmware.lock().ok().and_then(|g| g.clone()) {
+                    Some(ota) => ota.send(crate::ota::Event::Envelope(envelope)),
+                    None => tracing::warn!(
+                        "a firmware manifest arrived but the firmware task is not running; ignored"
                     ),
                 }
             }

@@ -140,6 +140,28 @@ pub fn sign(key_file: &Path, payload: &[u8]) -> Result<String, FleetError> {
 /// Fails on a malformed envelope, a signature no trusted key verifies, or
 /// a payload that is not `{"version":N,"config":{…}}`.
 pub fn verify(envelope: &[u8], trusted: &[[u8; 32]]) -> Result<FleetPayload, FleetError> {
+    let payload = open(envelope, trusted)?;
+    let v: Json =
+        serde_json::from_slice(&payload).map_err(|e| FleetError::Payload(e.to_string()))?;
+    let version = v
+        .get("version")
+        .and_then(Json::as_u64)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| FleetError::Payload("\"version\" must be a positive integer".into()))?;
+    let config = match v.get("config") {
+        Some(c @ Json::Object(_)) => c.clone(),
+        _ => return Err(FleetError::Payload("\"config\" must be an object".into())),
+    };
+    Ok(FleetPayload { version, config })
+}
+
+/// Opens a signed envelope (`{"payload","signature","key_id"}`): the
+/// payload bytes when a `trusted` key verifies the signature over them.
+/// Fleet configurations and firmware manifests travel in the same
+/// envelope.
+///
+/// Fails on a malformed envelope or a signature no trusted key verifies.
+pub fn open(envelope: &[u8], trusted: &[[u8; 32]]) -> Result<Vec<u8>, FleetError> {
     let env: Envelope =
         serde_json::from_slice(envelope).map_err(|e| FleetError::Envelope(e.to_string()))?;
     let payload = B64
@@ -155,18 +177,7 @@ pub fn verify(envelope: &[u8], trusted: &[[u8; 32]]) -> Result<FleetPayload, Fle
     }) {
         return Err(FleetError::Signature);
     }
-    let v: Json =
-        serde_json::from_slice(&payload).map_err(|e| FleetError::Payload(e.to_string()))?;
-    let version = v
-        .get("version")
-        .and_then(Json::as_u64)
-        .filter(|n| *n > 0)
-        .ok_or_else(|| FleetError::Payload("\"version\" must be a positive integer".into()))?;
-    let config = match v.get("config") {
-        Some(c @ Json::Object(_)) => c.clone(),
-        _ => return Err(FleetError::Payload("\"config\" must be an object".into())),
-    };
-    Ok(FleetPayload { version, config })
+    Ok(payload)
 }
 
 /// The version of an envelope's payload without verifying it (for the

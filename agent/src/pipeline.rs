@@ -74,6 +74,8 @@ pub struct Pipeline {
     /// Whether any rule is configured (else the fast path: no lock).
     active: std::sync::atomic::AtomicBool,
     tail: broadcast::Sender<TailEvent>,
+    /// The firmware task, fed the devices' OTA telemetry.
+    firmware: std::sync::OnceLock<crate::ota::OtaHandle>,
 }
 
 fn encode_key(k: &StateKey) -> Vec<u8> {
@@ -122,7 +124,14 @@ impl Pipeline {
             rules: Mutex::new(rules),
             active: std::sync::atomic::AtomicBool::new(active),
             tail,
+            firmware: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sends devices' OTA telemetry (`fw_state`, `current_fw_*`) to the
+    /// firmware task as well (set once at start).
+    pub fn set_firmware(&self, ota: crate::ota::OtaHandle) {
+        let _ = self.firmware.set(ota);
     }
 
     /// Watches what leaves the rules (for `sluice tail`).
@@ -156,6 +165,9 @@ impl Pipeline {
         stream: &str,
         records: Vec<Record>,
     ) -> Result<PendingAppend, AppendError> {
+        if let Some(ota) = self.firmware.get() {
+            ota.tap(&records);
+        }
         if !self.has_rules() {
             if self.tail.receiver_count() > 0 {
                 let out: Vec<(String, Record)> = records

@@ -49,6 +49,8 @@ pub enum UpMessage {
     Health(Vec<u8>),
     /// `P/config/state` (QoS 1, retained).
     ConfigState(Vec<u8>),
+    /// `P/firmware/state` (QoS 1): a firmware target's progress.
+    FirmwareState(Vec<u8>),
 }
 
 /// A message from the cloud.
@@ -66,6 +68,9 @@ pub enum CloudRequest {
     /// A fleet configuration envelope from `P/config` (verified by the
     /// agent).
     Config(Vec<u8>),
+    /// A firmware manifest envelope from `P/firmware` (verified by the
+    /// agent).
+    Firmware(Vec<u8>),
 }
 
 /// Why a downlink message was refused.

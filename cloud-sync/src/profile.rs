@@ -33,6 +33,10 @@ pub struct GenericTopics {
     pub config: String,
     /// `P/config/state` (up, retained).
     pub config_state: String,
+    /// `P/firmware` (down): signed firmware manifests.
+    pub firmware: String,
+    /// `P/firmware/state` (up): per-target firmware progress.
+    pub firmware_state: String,
 }
 
 impl GenericTopics {
@@ -49,6 +53,8 @@ impl GenericTopics {
             health: format!("{p}/health"),
             config: format!("{p}/config"),
             config_state: format!("{p}/config/state"),
+            firmware: format!("{p}/firmware"),
+            firmware_state: format!("{p}/firmware/state"),
         }
     }
 }
@@ -329,8 +335,14 @@ pub mod tb {
     pub const ME_ATTRIBUTES_RESPONSE: &str = "v1/devices/me/attributes/response/";
     /// The gateway's request for its `sluice_config` at connect.
     pub const ME_ATTRIBUTES_REQUEST: &str = "v1/devices/me/attributes/request/1";
+    /// The gateway's request for its `sluice_firmware` at connect.
+    pub const ME_FIRMWARE_REQUEST: &str = "v1/devices/me/attributes/request/2";
     /// The shared attribute carrying a fleet configuration envelope.
     pub const CONFIG_ATTRIBUTE: &str = "sluice_config";
+    /// The shared attribute carrying a firmware manifest envelope.
+    pub const FIRMWARE_ATTRIBUTE: &str = "sluice_firmware";
+    /// The gateway telemetry key reporting firmware progress.
+    pub const FIRMWARE_STATE_KEY: &str = "sluice_firmware_state";
     /// The client attribute reporting fleet configuration outcomes.
     pub const CONFIG_STATE_ATTRIBUTE: &str = "sluice_config_state";
     /// The request id of the gateway's own `getSessionLimits`.
@@ -481,12 +493,17 @@ pub mod tb {
             // A push is the bare object; an attribute response wraps it in
             // "shared".
             let attrs = json.get("shared").unwrap_or(&json);
-            return match attrs.get(CONFIG_ATTRIBUTE) {
-                Some(Json::String(s)) => Ok(CloudRequest::Config(s.clone().into_bytes())),
-                Some(env @ Json::Object(_)) => {
-                    Ok(CloudRequest::Config(env.to_string().into_bytes()))
-                }
-                _ => Err(shape("no sluice_config attribute")),
+            let envelope = |key: &str| match attrs.get(key) {
+                Some(Json::String(s)) => Some(s.clone().into_bytes()),
+                Some(env @ Json::Object(_)) => Some(env.to_string().into_bytes()),
+                _ => None,
+            };
+            if let Some(env) = envelope(CONFIG_ATTRIBUTE) {
+                return Ok(CloudRequest::Config(env));
+            }
+            return match envelope(FIRMWARE_ATTRIBUTE) {
+                Some(env) => Ok(CloudRequest::Firmware(env)),
+                None => Err(shape("no sluice_config or sluice_firmware attribute")),
             };
         }
         Err(DownlinkError::Topic(topic.to_owned()))
@@ -576,7 +593,14 @@ pub mod tb {
             .into_bytes()
     }
 
-    /// A fleet-configuration report as the gateway's client attribute.
+    /// A `P/firmware/state` report as the gateway's own telemetry
+    /// (`{"sluice_firmware_state":…}`).
+    pub fn firmware_state(report: &[u8]) -> Vec<u8> {
+        let r: Json = serde_json::from_slice(report).unwrap_or(Json::Null);
+        json!({ FIRMWARE_STATE_KEY: r }).to_string().into_bytes()
+    }
+
+    /// A `P/config/state` report as the gateway's client attribute.
     pub fn config_state(report: &[u8]) -> Vec<u8> {
         let r: Json = serde_json::from_slice(report).unwrap_or(Json::Null);
         json!({ CONFIG_STATE_ATTRIBUTE: r })
@@ -667,6 +691,19 @@ mod tb_tests {
         )
         .unwrap();
         assert!(matches!(r, CloudRequest::Config(b) if b == br#"{"payload":"x"}"#));
+        // A firmware manifest envelope, pushed or answered, as text or JSON.
+        let r = tb::parse(
+            "gw",
+            "v1/devices/me/attributes/response/2",
+            br#"{"shared":{"sluice_firmware":{"payload":"y"}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, CloudRequest::Firmware(b) if b == br#"{"payload":"y"}"#));
+        assert!(tb::parse("gw", tb::ME_ATTRIBUTES, br#"{"other":1}"#).is_err());
+        assert_eq!(
+            serde_json::from_slice::<Json>(&tb::firmware_state(br#"{"state":"idle"}"#)).unwrap(),
+            json!({"sluice_firmware_state": {"state": "idle"}})
+        );
         assert!(tb::parse("gw", "other", b"{}").is_err());
         let (t, p) =
             tb::response("gw", br#"{"id":42,"device":"d1","result":{"ok":true}}"#).unwrap();

@@ -1,6 +1,6 @@
 //! `state_dir/state.db`: the gateway's small, precious state.
 //!
-//! Schema (PRAGMA user_version = 4):
+//! Schema (PRAGMA user_version = 5):
 //! - `identity(id = 1, epoch TEXT)`: the gateway epoch, random, created with the
 //!   state dir; `(gateway, epoch, seq)` names a record even across a re-flash.
 //! - `seq_mark(id = 1, next_free INTEGER)`: the seq high-water mark. Every seq
@@ -24,6 +24,19 @@
 //!   file or a signed fleet configuration) are merged in at daemon start and
 //!   marked `'config'`, so a later configuration that no longer lists them
 //!   revokes exactly those; CLI-added devices are never touched by it.
+//! - v5 adds the firmware campaign state:
+//!   `firmware_downloads(sha256, title, version, manifest, state, result,
+//!   error, updated_ms)`: manifests accepted from the cloud and where their
+//!   download stands (`downloading` | `ready` | `failed`; the bytes are in
+//!   `firmware/staging/<sha256>.part` and survive restarts);
+//!   `firmware_campaigns(device, title, version, sha256, state, fw_state,
+//!   started_ms, updated_ms, error)`: one row per targeted device
+//!   (`queued` → `active` → `updated` | `failed`); only `active` devices have
+//!   the `fw_*` shared attributes and may fetch the image;
+//!   `firmware_devices(device, title, version, fw_state, updated_ms)`: what
+//!   each device last reported it runs (`current_fw_title/version`), the
+//!   anti-rollback floor; and `firmware_audit(ts_ms, source, actor, action,
+//!   detail)`: every local staging and every manifest decision.
 //!
 //! Durability: `synchronous = FULL` in WAL mode; every write here is rare.
 //! Migrations run forward inside one transaction at open; a file whose
@@ -34,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary writes.
-pub const STATE_SCHEMA_VERSION: i64 = 4;
+pub const STATE_SCHEMA_VERSION: i64 = 5;
 
 /// Why state.db could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +199,47 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateDbError> {
         )
         .map_err(sql)?;
     }
+    if found < 5 {
+        tx.execute_batch(
+            "CREATE TABLE firmware_downloads (
+                 sha256 TEXT PRIMARY KEY,
+                 title TEXT NOT NULL,
+                 version TEXT NOT NULL,
+                 manifest TEXT NOT NULL,
+                 state TEXT NOT NULL CHECK (state IN ('downloading', 'ready', 'failed')),
+                 result TEXT NOT NULL DEFAULT 'initial',
+                 error TEXT,
+                 updated_ms INTEGER NOT NULL
+             );
+             CREATE TABLE firmware_campaigns (
+                 device TEXT PRIMARY KEY,
+                 title TEXT NOT NULL,
+                 version TEXT NOT NULL,
+                 sha256 TEXT NOT NULL,
+                 state TEXT NOT NULL CHECK (state IN ('queued', 'active', 'updated', 'failed')),
+                 fw_state TEXT,
+                 started_ms INTEGER,
+                 updated_ms INTEGER NOT NULL,
+                 error TEXT
+             );
+             CREATE TABLE firmware_devices (
+                 device TEXT PRIMARY KEY,
+                 title TEXT,
+                 version TEXT,
+                 fw_state TEXT,
+                 updated_ms INTEGER NOT NULL
+             );
+             CREATE TABLE firmware_audit (
+                 ts_ms INTEGER NOT NULL,
+                 source TEXT NOT NULL,
+                 actor TEXT NOT NULL,
+                 action TEXT NOT NULL,
+                 detail TEXT NOT NULL
+             );
+             PRAGMA user_version = 5;",
+        )
+        .map_err(sql)?;
+    }
     tx.commit().map_err(sql)
 }
 
@@ -322,6 +376,51 @@ mod tests {
     }
 
     #[test]
+    fn v5_adds_the_firmware_campaign_tables_to_a_v4_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        {
+            let c = open(&p).unwrap();
+            c.execute_batch(
+                "DROP TABLE firmware_downloads; DROP TABLE firmware_campaigns;
+                 DROP TABLE firmware_devices; DROP TABLE firmware_audit;
+                 INSERT INTO devices (name, type, token_sha256, created_ms) VALUES ('d1', 't', x'01', 5);
+                 PRAGMA user_version = 4;",
+            )
+            .unwrap();
+        }
+        let c = open(&p).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 5);
+        for t in [
+            "firmware_downloads",
+            "firmware_campaigns",
+            "firmware_devices",
+            "firmware_audit",
+        ] {
+            let n: i64 = c
+                .query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 0, "{t}");
+        }
+        assert!(
+            c.execute(
+                "INSERT INTO firmware_campaigns (device, title, version, sha256, state, updated_ms)
+                 VALUES ('d1', 'fw', '1', 'x', 'done', 0)",
+                [],
+            )
+            .is_err(),
+            "campaign states are checked"
+        );
+        let kept: i64 = c
+            .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 1);
+    }
+
+    #[test]
     fn v4_marks_existing_devices_as_cli_added_and_takes_only_cli_or_config() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state.db");
@@ -329,7 +428,9 @@ mod tests {
             let c = open(&p).unwrap();
             // Back to a v3 file with a device in it.
             c.execute_batch(
-                "ALTER TABLE devices DROP COLUMN source;
+                "DROP TABLE firmware_downloads; DROP TABLE firmware_campaigns;
+                 DROP TABLE firmware_devices; DROP TABLE firmware_audit;
+                 ALTER TABLE devices DROP COLUMN source;
                  INSERT INTO devices (name, type, token_sha256, created_ms) VALUES ('d1', 't', x'01', 5);
                  PRAGMA user_version = 3;",
             )

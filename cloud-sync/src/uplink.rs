@@ -318,6 +318,8 @@ impl Uplink {
             tb::parse(&self.config.gateway_id, topic, payload)
         } else if topic == self.topics.config {
             Ok(CloudRequest::Config(payload.to_vec()))
+        } else if topic == self.topics.firmware {
+            Ok(CloudRequest::Firmware(payload.to_vec()))
         } else {
             downlink::parse(
                 &self.topics.commands,
@@ -530,13 +532,15 @@ impl Uplink {
                             }
                             // The fleet configuration, if one is set for
                             // this gateway (shared attribute sluice_config).
-                            let ask = serde_json::json!({"sharedKeys": tb::CONFIG_ATTRIBUTE}).to_string();
-                            if client.try_publish(tb::ME_ATTRIBUTES_REQUEST, QoS::AtLeastOnce, false, ask.into_bytes()).is_ok() {
-                                pending.push_back(Sent::Status);
+                            for (topic, key) in [(tb::ME_ATTRIBUTES_REQUEST, tb::CONFIG_ATTRIBUTE), (tb::ME_FIRMWARE_REQUEST, tb::FIRMWARE_ATTRIBUTE)] {
+                                let ask = serde_json::json!({"sharedKeys": key}).to_string();
+                                if client.try_publish(topic, QoS::AtLeastOnce, false, ask.into_bytes()).is_ok() {
+                                    pending.push_back(Sent::Status);
+                                }
                             }
                         } else {
                             if self.downlink.is_some() {
-                                let filters = [&self.topics.commands, &self.topics.attributes_shared, &self.topics.config]
+                                let filters = [&self.topics.commands, &self.topics.attributes_shared, &self.topics.config, &self.topics.firmware]
                                     .map(|t| t.clone());
                                 if let Err(e) = client.try_subscribe_many(&filters) {
                                     return Ended::Lost(format!("cannot subscribe to the downlink: {e}"));
@@ -605,12 +609,14 @@ impl Uplink {
                             (false, UpMessage::CommandResponse(p)) => (self.topics.commands_response.clone(), QoS::AtLeastOnce, false, p),
                             (false, UpMessage::Health(p)) => (self.topics.health.clone(), QoS::AtLeastOnce, false, p),
                             (false, UpMessage::ConfigState(p)) => (self.topics.config_state.clone(), QoS::AtLeastOnce, true, p),
+                            (false, UpMessage::FirmwareState(p)) => (self.topics.firmware_state.clone(), QoS::AtLeastOnce, false, p),
                             (true, UpMessage::CommandResponse(p)) => match tb::response(&self.config.gateway_id, &p) {
                                 Some((t, p)) => (t, QoS::AtLeastOnce, false, p),
                                 None => continue,
                             },
                             (true, UpMessage::Health(p)) => (tb::ME_TELEMETRY.to_owned(), QoS::AtLeastOnce, false, p),
                             (true, UpMessage::ConfigState(p)) => (tb::ME_ATTRIBUTES.to_owned(), QoS::AtLeastOnce, false, tb::config_state(&p)),
+                            (true, UpMessage::FirmwareState(p)) => (tb::ME_TELEMETRY.to_owned(), QoS::AtLeastOnce, false, tb::firmware_state(&p)),
                         };
                         match client.try_publish(topic, qos, retain, payload) {
                             Ok(()) => {

@@ -85,8 +85,8 @@ fn thingsboard_sdk_telemetry_attributes_rpc_and_firmware_through_the_gateway() {
     let tmp = tempfile::tempdir().unwrap();
     let mut gw = cloud.gateway(tmp.path(), "");
     let token = gw.add_device("dev-1");
-    // A 5000-byte image staged for dev-1 before the daemon starts.
-    let image: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+    // The 200 KiB OTA image staged for dev-1 before the daemon starts.
+    let image = ota_image();
     let image_file = gw.stage_firmware(&image, "bench_fw.bin", "1.1", "dev-1");
     let sha = {
         let out = Command::new("sha256sum").arg(&image_file).output().unwrap();
@@ -143,8 +143,8 @@ fn thingsboard_sdk_telemetry_attributes_rpc_and_firmware_through_the_gateway() {
     let rpc = &got["rpc"];
     assert!(rpc[0].as_str().unwrap().parse::<u32>().is_ok(), "{rpc}");
     assert_eq!(rpc[1], json!({"method": "setGpio", "params": {"pin": 7}}));
-    // Firmware: all 5000 bytes, checksum verified, written by the SDK.
-    assert_eq!(got["firmware"]["size"], 5000);
+    // Firmware: all 204 800 bytes, checksum verified, written by the SDK.
+    assert_eq!(got["firmware"]["size"], 204_800);
     assert_eq!(got["firmware"]["sha256_ok"], true);
     assert_eq!(
         std::fs::read(sdk_dir.join("bench_fw.bin")).unwrap(),
@@ -194,6 +194,34 @@ fn thingsboard_sdk_telemetry_attributes_rpc_and_firmware_through_the_gateway() {
     wait_for("fw_state UPDATED upstream", Duration::from_secs(15), || {
         states().last().map(String::as_str) == Some("UPDATED")
     });
+    // The gateway followed the SDK's own fw_state telemetry: the campaign
+    // is done for dev-1, reported on P/firmware/state with LwM2M's
+    // success, and the version it runs is recorded.
+    wait_for("the campaign updated", Duration::from_secs(10), || {
+        gw.cli_json(&["firmware", "status", "--json"])["campaigns"][0]["state"] == "updated"
+    });
+    let reports = cloud.seen_on(&format!("{PREFIX}/firmware/state"));
+    let seen: Vec<&str> = reports
+        .iter()
+        .filter(|r| r["device"] == "dev-1")
+        .filter_map(|r| r["fw_state"].as_str())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "DOWNLOADING",
+            "DOWNLOADED",
+            "VERIFIED",
+            "UPDATING",
+            "UPDATED"
+        ],
+        "{reports:?}"
+    );
+    assert!(
+        reports
+            .iter()
+            .any(|r| r["device"] == "dev-1" && r["state"] == "idle" && r["result_code"] == 1)
+    );
     let records = cloud.observer.records();
     assert!(records.iter().any(
         |(_, d, r)| d == "dev-1" && r["values"] == json!({"temperature": 21.5, "humidity": 40})
@@ -211,7 +239,10 @@ fn thingsboard_sdk_telemetry_attributes_rpc_and_firmware_through_the_gateway() {
     );
     let st = gw.status();
     assert_eq!(st["commands"]["answered"], 1);
-    assert_eq!(st["uplink"]["responses_sent"], 1);
+    // The command response and the firmware reports went up outside the
+    // outbox.
+    let sent = st["uplink"]["responses_sent"].as_u64().unwrap();
+    assert!(sent > reports.len() as u64, "{sent} vs {}", reports.len());
     assert_eq!(gw.stop(), Some(0));
 }
 

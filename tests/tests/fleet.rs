@@ -12,44 +12,8 @@ mod harness;
 
 use harness::*;
 use serde_json::{Value as Json, json};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(name);
-    let out = Command::new(SLUICE)
-        .args(["fleet", "keygen"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        key,
-        String::from_utf8(out.stdout).unwrap().trim().to_owned(),
-    )
-}
-
-fn sign(dir: &Path, key: &Path, payload: &Json) -> Json {
-    let file = dir.join("payload.json");
-    std::fs::write(&file, payload.to_string()).unwrap();
-    let out = Command::new(SLUICE)
-        .args(["fleet", "sign", "--key"])
-        .arg(key)
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// Publishes `envelope` retained on P/config, as a fleet manager would.
 fn push(cloud: &Cloud, envelope: &Json) {

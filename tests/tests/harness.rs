@@ -935,6 +935,52 @@ impl Cloud {
     }
 }
 
+/// `sluice fleet keygen DIR/NAME`: (private key file, public key).
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let out = Command::new(SLUICE)
+        .args(["fleet", "keygen"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        key,
+        String::from_utf8(out.stdout).unwrap().trim().to_owned(),
+    )
+}
+
+/// `sluice fleet sign --key KEY` of `payload`: the signed envelope.
+pub fn sign(dir: &Path, key: &Path, payload: &Json) -> Json {
+    let file = dir.join("payload.json");
+    std::fs::write(&file, payload.to_string()).unwrap();
+    let out = Command::new(SLUICE)
+        .args(["fleet", "sign", "--key"])
+        .arg(key)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The 200 KiB image the OTA tests of all three protocols (tb-mqtt-client,
+/// the ThingsBoard HTTP SDK, libcoap's `-b`) fetch: the same bytes, so
+/// their sha256 checks compare against one value.
+pub fn ota_image() -> Vec<u8> {
+    (0..204_800u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
 /// Whether python3 can import `module`; prints SKIPPED when not, and fails
 /// under CI (tests/run-all.sh installs every module the tests use).
 pub fn has_python_module(module: &str) -> bool {

@@ -135,8 +135,8 @@ pub(super) async fn serve(
     let params = Params::from(query)?;
     let Some(img) = ctx.router.attributes().firmware_for(&device) else {
         return Err(error(
-            StatusCode::NOT_FOUND,
-            "no firmware is staged for this device",
+            StatusCode::FORBIDDEN,
+            "this device is not targeted by a firmware campaign",
         ));
     };
     if params.first(&["title"]).is_some_and(|t| t != img.title)

@@ -778,9 +778,24 @@ impl Session {
             && valid_id(request)
             && let Ok(chunk) = chunk.parse::<u64>()
         {
+            let Some((path, size)) = env.firmware(device) else {
+                // Not targeted by a campaign: refused (MQTT 5 PUBACK 0x87;
+                // 3.1.1 has no reason code, the request just goes
+                // unanswered). The session stays up.
+                tracing::debug!(%device, "firmware chunk requested, but the device is not targeted by a campaign");
+                let a = if qos == 1 {
+                    vec![Action::Send(Outbound::PubAck {
+                        pkid,
+                        reason: AckReason::NotAuthorized,
+                    })]
+                } else {
+                    Vec::new()
+                };
+                return self.settle_in_order(a);
+            };
             let mut a = self.puback(qos, pkid);
-            match (env.firmware(device), chunk_size(payload)) {
-                (Some((path, size)), Some(chunk_size)) => {
+            match chunk_size(payload) {
+                Some(chunk_size) => {
                     let (offset, len) = sluice_firmware::chunk_range(size, chunk_size, chunk);
                     a.push(Action::SendFirmware {
                         topic: format!("v2/fw/response/{request}/chunk/{chunk}"),
@@ -789,10 +804,7 @@ impl Session {
                         len,
                     });
                 }
-                (None, _) => {
-                    tracing::debug!(%device, "firmware chunk requested, but no image is staged for this device");
-                }
-                (_, None) => {
+                None => {
                     tracing::debug!(%device, "firmware chunk request payload is not a chunk size");
                 }
             }

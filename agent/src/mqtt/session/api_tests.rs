@@ -332,12 +332,19 @@ fn firmware_chunks_are_served_by_offset_to_the_requesting_session() {
         vec![ack(5)],
         "a payload that is not a size gets no chunk"
     );
-    // A device with no image staged for it gets nothing.
+    // A device no campaign targets is refused (0x87) and gets no bytes.
     let none = ApiEnv::new(None);
     let mut s = session(&none, Version::V5);
     assert_eq!(
         s.handle(publish("v2/fw/request/1/chunk/0", 1, 1, "1024"), &none),
-        vec![ack(1)]
+        vec![Action::Send(Outbound::PubAck {
+            pkid: 1,
+            reason: AckReason::NotAuthorized
+        })]
+    );
+    assert!(
+        s.handle(publish("v2/fw/request/1/chunk/1", 0, 0, "1024"), &none)
+            .is_empty()
     );
 }
 
