@@ -442,17 +442,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     });
     // Firmware manifests, downloads and campaigns.
     let ota_task = {
-        let (ota, ota_rx) = crate::ota::OtaHandle::new();
+        let (ota, ota_rx) = crate::ota::OtaHandle::new(&cfg);
         router.set_firmware(ota.clone());
         pipeline.set_firmware(ota.clone());
-        tokio::spawn(crate::ota::run(
+        let task = crate::ota::run(
             cfg.clone(),
             ota,
             ota_rx,
             router.clone(),
             registry.clone(),
             listeners_cancel.clone(),
-        ))
+        );
+        // state.db work blocks: the task gets a thread of its own.
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || rt.block_on(task))
     };
     let upkeep_outbox = outbox.clone();
     let upkeep_cancel = listeners_cancel.clone();

@@ -77,17 +77,19 @@ pub struct OtaHandle {
     tx: mpsc::Sender<Event>,
     dropped: Arc<AtomicU64>,
     summary: Arc<std::sync::Mutex<Json>>,
+    cfg: Arc<Config>,
 }
 
 impl OtaHandle {
     /// A handle and the receiver [`run`] takes.
-    pub fn new() -> (Self, mpsc::Receiver<Event>) {
+    pub fn new(cfg: &Config) -> (Self, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         (
             Self {
                 tx,
                 dropped: Arc::new(AtomicU64::new(0)),
                 summary: Arc::new(std::sync::Mutex::new(Json::Null)),
+                cfg: Arc::new(cfg.clone()),
             },
             rx,
         )
@@ -99,6 +101,8 @@ impl OtaHandle {
         let mut s = self.summary.lock().map(|g| g.clone()).unwrap_or(Json::Null);
         if !s.is_null() {
             s["events_dropped"] = json!(self.dropped.load(Ordering::Relaxed));
+            // Read now: a self-update commits outside this task.
+            s["gateway_version"] = json!(crate::selfupdate::installed_version(&self.cfg));
         }
         s
     }
@@ -203,6 +207,9 @@ struct Ota {
     /// Bytes on disk of the running download (read by the reporter).
     bytes: Arc<AtomicU64>,
     reported_bytes: u64,
+    /// Whether a campaign or download may need the per-second work (an
+    /// idle gateway does none: no state.db access, no thread hand-off).
+    busy: bool,
     summary: Arc<std::sync::Mutex<Json>>,
     running: Option<(
         Job,
@@ -210,7 +217,10 @@ struct Ota {
     )>,
 }
 
-/// Runs the firmware task until `cancel`.
+/// Runs the firmware task until `cancel`. Its state.db work (fsynced
+/// writes) blocks: run it on a thread of its own, as
+/// `spawn_blocking(move || handle.block_on(run(…)))` does (the download it
+/// starts is an ordinary task).
 pub async fn run(
     cfg: Config,
     handle: OtaHandle,
@@ -234,19 +244,19 @@ pub async fn run(
         conn,
         bytes: Arc::new(AtomicU64::new(0)),
         reported_bytes: 0,
+        busy: true,
         summary: handle.summary.clone(),
         running: None,
     };
     drop(handle);
-    // state.db work (fsynced writes) is short but blocking: it runs with
-    // `block_in_place` so the other tasks on this worker move elsewhere.
-    tokio::task::block_in_place(|| ota.admit());
+    ota.admit();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if ota.running.is_none() {
-            tokio::task::block_in_place(|| ota.start_next());
+            ota.start_next();
         }
+        let ticking = ota.busy || ota.running.is_some();
         let finished = async {
             match ota.running.as_mut() {
                 Some((_, h)) => Some(h.await),
@@ -255,22 +265,22 @@ pub async fn run(
         };
         tokio::select! {
             () = cancel.cancelled() => break,
-            ev = rx.recv() => match ev {
-                Some(Event::Envelope(env)) => tokio::task::block_in_place(|| ota.envelope(&env)),
+            ev = rx.recv() => match ev.inspect(|_| ota.busy = true) {
+                Some(Event::Envelope(env)) => ota.envelope(&env),
                 Some(Event::Report { device, fw_state, title, version }) => {
-                    tokio::task::block_in_place(|| {
-                        ota.device_report(&device, fw_state.as_deref(), title.as_deref(), version.as_deref());
-                    });
+                    ota.device_report(&device, fw_state.as_deref(), title.as_deref(), version.as_deref());
                 }
-                Some(Event::Wake) => tokio::task::block_in_place(|| ota.admit()),
+                Some(Event::Wake) => ota.admit(),
                 None => break,
             },
             r = finished => {
                 if let Some(r) = r {
-                    tokio::task::block_in_place(|| ota.finished(r));
+                    ota.finished(r);
                 }
             }
-            _ = tick.tick() => tokio::task::block_in_place(|| ota.tick()),
+            _ = tick.tick(), if ticking => {
+                ota.tick();
+            }
         }
     }
     if let Some((_, h)) = ota.running.take() {
@@ -742,7 +752,7 @@ impl Ota {
         }
     }
 
-    fn summarize(&self) {
+    fn summarize(&mut self) {
         let count = |sql: &str| -> Json {
             let mut out = serde_json::Map::new();
             if let Ok(mut stmt) = self.conn.prepare_cached(sql) {
@@ -760,10 +770,17 @@ impl Ota {
             json!({"title": job.manifest.title, "version": job.manifest.version,
                 "bytes": self.bytes.load(Ordering::Relaxed), "size": job.manifest.size})
         });
+        let campaigns = count("SELECT state, count(*) FROM firmware_campaigns GROUP BY state");
+        let downloads = count("SELECT state, count(*) FROM firmware_downloads GROUP BY state");
+        let open = |v: &Json, k: &str| v.get(k).and_then(Json::as_i64).unwrap_or(0) > 0;
+        self.busy = running.is_some()
+            || open(&campaigns, "active")
+            || open(&campaigns, "queued")
+            || open(&downloads, "downloading");
         let s = json!({
             "gateway_version": crate::selfupdate::installed_version(&self.cfg),
-            "downloads": count("SELECT state, count(*) FROM firmware_downloads GROUP BY state"),
-            "campaigns": count("SELECT state, count(*) FROM firmware_campaigns GROUP BY state"),
+            "downloads": downloads,
+            "campaigns": campaigns,
             "downloading": running,
         });
         if let Ok(mut g) = self.summary.lock() {
