@@ -16,8 +16,8 @@ if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing test peers: ${need[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+  $sudo apt-get -o Acquire::Retries=3 update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o Acquire::Retries=3 install -y -qq --no-install-recommends "${need[@]}"
 fi
 
 # paho-mqtt (PyPI) drives the ThingsBoard-style MQTT 5 session test.
@@ -36,6 +36,12 @@ fi
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import aiocoap' >/dev/null 2>&1; then
   echo "installing aiocoap"
   python3 -m pip install --quiet 'aiocoap==0.4.17' || echo "warning: aiocoap not installed; its test will say SKIPPED"
+fi
+# prometheus_client (PyPI) is the reference parser the /metrics test reads
+# the exposition with.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import prometheus_client' >/dev/null 2>&1; then
+  echo "installing prometheus-client"
+  python3 -m pip install --quiet 'prometheus-client==0.26.0' || echo "warning: prometheus-client not installed; its test will say SKIPPED"
 fi
 
 rustc -V

@@ -5,7 +5,9 @@
 //! `{"cmd":"reload_devices"}` → re-read the registry (the CLI sends it after
 //! changing devices). `{"cmd":"reload_attributes","devices":[…]}` → re-read
 //! those devices' attributes and the firmware index, pushing changed shared
-//! attributes to live sessions (the CLI sends it after staging firmware). Responses: `{"ok":true,"result":…}` or
+//! attributes to live sessions (the CLI sends it after staging firmware).
+//! `{"cmd":"log_level","filter":F?}` → show or replace the log filter
+//! (`sluice log-level`). Responses: `{"ok":true,"result":…}` or
 //! `{"ok":false,"error":"…"}`.
 
 use crate::registry::Registry;
@@ -313,6 +315,7 @@ async fn answer(line: &str, ctx: &AdminContext) -> Json {
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }
         }
+        Some("log_level") => log_level(&req),
         Some("queue_check") => match ctx.outbox.check().await {
             Ok(report) => json!({"ok": true, "result": report}),
             Err(e) => json!({"ok": false, "error": e.to_string()}),
@@ -333,6 +336,33 @@ async fn answer(line: &str, ctx: &AdminContext) -> Json {
         }
         Some(other) => json!({"ok": false, "error": format!("unknown command {other:?}")}),
         None => json!({"ok": false, "error": "missing \"cmd\""}),
+    }
+}
+
+/// `{"cmd":"log_level"}` → `{"filter":F}`, the log filter in force;
+/// `{"cmd":"log_level","filter":F}` → F replaces it until a restart:
+/// `{"previous":…,"filter":…}`.
+fn log_level(req: &Json) -> Json {
+    let Some(wanted) = req.get("filter") else {
+        return match crate::cli::log_filter() {
+            Ok(f) => json!({"ok": true, "result": {"filter": f}}),
+            Err(e) => json!({"ok": false, "error": e}),
+        };
+    };
+    let Some(wanted) = wanted.as_str().filter(|f| !f.trim().is_empty()) else {
+        return json!({"ok": false,
+            "error": "\"filter\" must be a non-empty string (\"off\" turns logging off)"});
+    };
+    if let Err(e) = crate::config::parse_log_filter(wanted) {
+        return json!({"ok": false, "error": format!("{wanted:?} is not a log filter: {e}")});
+    }
+    match crate::cli::set_log_filter(wanted) {
+        Ok(previous) => {
+            let filter = crate::cli::log_filter().unwrap_or_else(|_| wanted.to_owned());
+            tracing::info!(%previous, %filter, "log filter changed");
+            json!({"ok": true, "result": {"previous": previous, "filter": filter}})
+        }
+        Err(e) => json!({"ok": false, "error": e}),
     }
 }
 

@@ -46,8 +46,9 @@ struct Cli {
     /// Configuration file (conf.d/*.toml beside it is layered on top).
     #[arg(long, global = true, env = "SLUICE_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
     config: PathBuf,
-    /// Log format: human or json (overrides log.format).
-    #[arg(long, global = true, value_parser = ["human", "json"])]
+    /// Log format: text or json (overrides log.format; "human" is an alias
+    /// of text).
+    #[arg(long, global = true, value_parser = ["text", "human", "json"])]
     log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
@@ -88,9 +89,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the setup (configuration, listeners, state dir, certificates,
+    /// broker, clock, watchdog) and say how to fix what is wrong; exit 1
+    /// when a check fails (works with the daemon stopped).
+    Doctor {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also run SQLite's quick_check on the outbox (a full read).
+        #[arg(long)]
+        quick_check: bool,
+    },
     /// Firmware images for devices (works with the daemon stopped).
     #[command(subcommand)]
     Firmware(FirmwareCmd),
+    /// Show the running daemon's log filter, or replace it until the
+    /// daemon restarts: `sluice log-level debug`,
+    /// `sluice log-level sluice_agent::mqtt=debug,info` (`log.level` syntax).
+    LogLevel {
+        /// The new filter; without it, print the one in force.
+        filter: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -293,25 +315,42 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Whether stderr goes to systemd's journal, which timestamps every line
+/// itself (`JOURNAL_STREAM` is set for a unit whose stderr is the journal,
+/// `INVOCATION_ID` for any unit).
+fn under_systemd() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some()
+}
+
 fn init_logging(cfg: &Config, cli_format: Option<&str>) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{filter::LevelFilter, fmt, reload};
     let format = match cli_format {
         Some("json") => LogFormat::Json,
-        Some(_) => LogFormat::Human,
+        Some(_) => LogFormat::Text,
         None => cfg.log_format,
     };
-    let filter = std::env::var("SLUICE_LOG").unwrap_or_else(|_| cfg.log_level.clone());
-    let filter = config::parse_log_filter(&filter)
-        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+    let from_env = std::env::var("SLUICE_LOG").ok();
+    let wanted = from_env.clone().unwrap_or_else(|| cfg.log_level.clone());
+    let (filter, bad_env) = match config::parse_log_filter(&wanted) {
+        Ok(f) => (f, None),
+        Err(e) => (Targets::new().with_default(LevelFilter::INFO), Some(e)),
+    };
     let (filter, handle) = reload::Layer::new(filter);
     let _ = LOG_FILTER.set(handle);
     let registry = tracing_subscriber::registry().with(filter);
-    let layer = fmt::layer().with_writer(std::io::stderr);
+    let layer = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => registry.with(layer.json()).init(),
-        LogFormat::Human => registry.with(layer).init(),
+        LogFormat::Text if under_systemd() => registry.with(layer.without_time()).init(),
+        LogFormat::Text => registry.with(layer).init(),
+    }
+    if let (Some(e), Some(env)) = (bad_env, from_env) {
+        tracing::warn!(SLUICE_LOG = %env, error = %e, "not a log filter; logging at info");
     }
 }
 
@@ -321,16 +360,34 @@ static LOG_FILTER: std::sync::OnceLock<
 > = std::sync::OnceLock::new();
 
 /// Replaces the log filter of this process (`log.level` syntax, see
-/// [`config::parse_log_filter`]) without a restart.
+/// [`config::parse_log_filter`]) without a restart; returns the filter it
+/// replaced. It lasts until the process ends or the configuration is
+/// re-read (which applies `log.level` again unless `SLUICE_LOG` is set).
 ///
 /// Fails on an invalid filter, or when logging was not set up (only
 /// `sluice run` sets it up).
-pub fn set_log_filter(filter: &str) -> Result<(), String> {
+pub fn set_log_filter(filter: &str) -> Result<String, String> {
     let filter = config::parse_log_filter(filter)?;
+    let mut previous = String::new();
     LOG_FILTER
         .get()
         .ok_or_else(|| "logging is not set up in this process".to_string())?
-        .reload(filter)
+        .modify(|current| {
+            previous = current.to_string();
+            *current = filter;
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(previous)
+}
+
+/// The log filter in force in this process, in `log.level` syntax.
+///
+/// Fails when logging was not set up (only `sluice run` sets it up).
+pub fn log_filter() -> Result<String, String> {
+    LOG_FILTER
+        .get()
+        .ok_or_else(|| "logging is not set up in this process".to_string())?
+        .with_current(ToString::to_string)
         .map_err(|e| e.to_string())
 }
 
@@ -354,6 +411,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     if let Command::Fleet(cmd) = &cli.command {
         return fleet(cmd);
     }
+    // A configuration that does not load is one of the doctor's findings.
+    if let Command::Doctor { json, quick_check } = cli.command {
+        return doctor(&cli.config, json, quick_check);
+    }
     let cfg = load_config(&cli.config)?;
     match cli.command {
         Command::Run => {
@@ -365,10 +426,16 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let mut cfg = cfg;
             loop {
                 match rt.block_on(daemon::run(cfg)) {
-                    // A fleet configuration was installed or rolled back:
-                    // the same process runs again with what is on disk.
+                    // A fleet configuration was installed or rolled back,
+                    // or SIGHUP found changed files: the same process runs
+                    // again with what is on disk.
                     Ok(Exit::Restart) => {
                         cfg = load_config(&cli.config)?;
+                        if std::env::var_os("SLUICE_LOG").is_none()
+                            && let Err(e) = set_log_filter(&cfg.log_level)
+                        {
+                            tracing::warn!(error = %e, "log.level not applied");
+                        }
                         tracing::info!(fleet_version = ?cfg.fleet_version, "restarting with the configuration on disk");
                         continue;
                     }
@@ -404,13 +471,62 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Devices(cmd) => devices(&cfg, cmd),
         Command::Queue(cmd) => queue(&cfg, cmd),
         Command::Firmware(cmd) => firmware(&cfg, cmd),
+        Command::LogLevel { filter, json } => log_level(&cfg, filter.as_deref(), json),
         Command::Fleet(cmd) => fleet(&cmd),
         Command::Tail {
             device,
             dropped,
             json,
         } => tail(&cfg, device, dropped, json),
+        Command::Doctor { json, quick_check } => doctor(&cli.config, json, quick_check),
     }
+}
+
+fn doctor(config: &std::path::Path, json: bool, quick_check: bool) -> Result<(), Failure> {
+    let opts = crate::doctor::Options {
+        quick_check,
+        ..crate::doctor::Options::default()
+    };
+    let report = crate::doctor::run(config, &opts);
+    if json {
+        print_json(&report.to_json())?;
+    } else {
+        out!("{}", report.to_table());
+    }
+    match report.failures() {
+        0 => Ok(()),
+        n => Err(Failure {
+            code: 1,
+            message: format!("{n} check{} failed", if n == 1 { "" } else { "s" }),
+        }),
+    }
+}
+
+/// `sluice log-level [FILTER]`: a bad filter is refused here (exit 2)
+/// before the daemon is asked.
+fn log_level(cfg: &Config, filter: Option<&str>, json: bool) -> Result<(), Failure> {
+    let mut req = serde_json::json!({"cmd": "log_level"});
+    if let Some(f) = filter {
+        let bad = |why: String| Failure {
+            code: 2,
+            message: format!("{f:?} is not a log filter: {why}"),
+        };
+        if f.trim().is_empty() {
+            return Err(bad("it is empty (\"off\" turns logging off)".into()));
+        }
+        config::parse_log_filter(f).map_err(bad)?;
+        req["filter"] = Json::from(f);
+    }
+    let answer = admin::request_with(&cfg.admin_socket, req)?;
+    if json {
+        return print_json(&answer);
+    }
+    let now = answer["filter"].as_str().unwrap_or_default();
+    match answer["previous"].as_str() {
+        Some(previous) => outln!("log filter: {previous} -> {now}"),
+        None => outln!("{now}"),
+    }
+    Ok(())
 }
 
 fn tail(cfg: &Config, device: Option<String>, dropped: bool, json: bool) -> Result<(), Failure> {

@@ -1173,6 +1173,10 @@ impl Server<'_> {
 
     /// A commit landed: answer its request.
     async fn committed(&mut self, w: Waiting, result: Result<(), AppendError>) {
+        self.ctx
+            .stats
+            .commit_seconds
+            .observe(w.started.elapsed().as_secs_f64());
         let answer = match result {
             Ok(()) => {
                 self.count(IngestResult::Ok);

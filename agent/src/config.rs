@@ -972,7 +972,7 @@ pub struct RawCommands {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLog {
-    /// `human` or `json`.
+    /// `text` (alias `human`) or `json`.
     pub format: String,
     /// A tracing filter (`info`, `sluice_agent=debug,info`…).
     pub level: String,
@@ -981,7 +981,7 @@ pub struct RawLog {
 impl Default for RawLog {
     fn default() -> Self {
         Self {
-            format: "human".into(),
+            format: "text".into(),
             level: "info".into(),
         }
     }
@@ -1067,8 +1067,9 @@ pub struct CloudConfig {
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
-    /// Human-readable lines.
-    Human,
+    /// Human-readable lines (without timestamps under systemd, whose
+    /// journal adds its own).
+    Text,
     /// One JSON object per line.
     Json,
 }
@@ -1462,12 +1463,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(invalid("admin.socket", "must not be empty"));
     }
     let log_format = match raw.log.format.as_str() {
-        "human" => LogFormat::Human,
+        "text" | "human" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => {
             return Err(invalid(
                 "log.format",
-                format!("{other:?} is not \"human\" or \"json\""),
+                format!("{other:?} is not \"text\" or \"json\""),
             ));
         }
     };
@@ -2110,5 +2111,23 @@ mod tests {
         }
         let e = raw("[gateway]\nid = \"g1\"\n[log]\nlevel = \"x[s]=debug\"\n").unwrap_err();
         assert!(e.to_string().starts_with("log.level:"), "{e}");
+    }
+
+    #[test]
+    fn log_format_is_text_by_default_with_human_as_its_alias() {
+        let format = |f: &str| {
+            raw(&format!(
+                "[gateway]\nid = \"g1\"\n[log]\nformat = \"{f}\"\n"
+            ))
+        };
+        assert_eq!(
+            raw("[gateway]\nid = \"g1\"\n").unwrap().log_format,
+            LogFormat::Text
+        );
+        assert_eq!(format("text").unwrap().log_format, LogFormat::Text);
+        assert_eq!(format("human").unwrap().log_format, LogFormat::Text);
+        assert_eq!(format("json").unwrap().log_format, LogFormat::Json);
+        let e = format("pretty").unwrap_err();
+        assert!(e.to_string().starts_with("log.format:"), "{e}");
     }
 }

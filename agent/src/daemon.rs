@@ -10,6 +10,10 @@
 //! `cloud.shutdown_grace` for outstanding PUBACKs, then the outbox makes its
 //! final commit. Any long-lived task that ends early is fatal: exit 1 and let
 //! systemd restart us; the state is on disk.
+//!
+//! systemd: READY=1 once every listener is bound; WATCHDOG=1 only while the
+//! outbox writer answers ([`crate::watchdog`]); SIGHUP re-reads the
+//! configuration files ([`crate::reload`]) between RELOADING=1 and READY=1.
 
 use crate::admin::{self, AdminContext};
 use crate::attributes::AttributeStore;
@@ -61,6 +65,20 @@ pub enum Exit {
 /// files cannot be set up.
 pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let started = Instant::now();
+    // Caught from here on, before the admin socket answers: a SIGTERM sent
+    // as soon as the daemon looks up (systemd, a script) stops it cleanly
+    // instead of killing it.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    // SIGHUP (ExecReload=) re-reads the configuration files (reload.rs);
+    // watched from here on too, so an early one waits instead of killing.
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; reload by restarting the service");
+            None
+        }
+    };
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("gateway.state_dir {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o750))
@@ -108,10 +126,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
     let listeners_cancel = CancellationToken::new();
     let uplink_cancel = CancellationToken::new();
     let (ended_tx, mut ended_rx) = mpsc::channel::<&'static str>(32);
+    // Cancelled when any long-lived task ends: the watchdog stops pinging.
+    let task_ended = CancellationToken::new();
     let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
         let ended_tx = ended_tx.clone();
+        let task_ended = task_ended.clone();
         tokio::spawn(async move {
             fut.await;
+            task_ended.cancel();
             // Never wait here: once shutdown began nobody reads the channel,
             // and a task blocked on a full channel would never finish (its
             // JoinHandle is awaited below). The first early end is what
@@ -485,18 +507,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         }),
     );
 
+    // WatchdogSec=: pinged only while the outbox writer answers and no
+    // long-lived task has ended (watchdog.rs).
     if let Some(period) = sd_notify::watchdog_enabled() {
-        let cancel = uplink_cancel.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period / 2);
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
+        let probe = {
+            let (outbox, task_ended) = (outbox.clone(), task_ended.clone());
+            move || {
+                let (outbox, task_ended) = (outbox.clone(), task_ended.clone());
+                async move {
+                    if task_ended.is_cancelled() {
+                        return Err("a long-lived task ended".to_owned());
+                    }
+                    outbox.ping().await.map_err(|e| e.to_string())
                 }
             }
-        });
+        };
+        let ping = || {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        };
+        tokio::spawn(crate::watchdog::run(
+            period,
+            probe,
+            ping,
+            uplink_cancel.clone(),
+        ));
     }
+    let mut running = cfg.raw.clone();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
         gateway = %cfg.gateway_id,
@@ -507,17 +543,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         "sluice ready"
     );
 
-    let exit = tokio::select! {
-        () = shutdown_signal() => Exit::Stopped,
-        () = reboot.cancelled() => Exit::Reboot,
-        () = restart.cancelled() => Exit::Restart,
-        name = ended_rx.recv() => {
-            let name = name.unwrap_or("unknown task");
-            tracing::error!(task = name, "a long-lived task ended early; exiting");
-            Exit::TaskFailed(name)
+    let exit = loop {
+        tokio::select! {
+            () = &mut shutdown => break Exit::Stopped,
+            () = reboot.cancelled() => break Exit::Reboot,
+            () = restart.cancelled() => break Exit::Restart,
+            name = ended_rx.recv() => {
+                let name = name.unwrap_or("unknown task");
+                tracing::error!(task = name, "a long-lived task ended early; exiting");
+                break Exit::TaskFailed(name);
+            }
+            () = hangup(&mut hangups) => {
+                notify_reloading();
+                if reload(&cfg, &mut running, &pipeline).await {
+                    break Exit::Restart;
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            }
         }
     };
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if exit == Exit::Restart {
+        // Not STOPPING=1: systemd would take that for the service going
+        // down and kill it after TimeoutStopSec=. The next run's READY=1
+        // ends the reload.
+        notify_reloading();
+    } else {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    }
     tracing::info!("shutting down: stopping listeners");
     listeners_cancel.cancel();
     for t in listener_tasks {
@@ -588,18 +640,101 @@ async fn serve_http(tcp: tokio::net::TcpListener, router: axum::Router, cancel: 
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// Applies the configuration files on SIGHUP (see reload.rs); true when
+/// the daemon must restart in process to apply them. `running` is the raw
+/// configuration in force, updated when rules are swapped in place.
+async fn reload(
+    cfg: &Config,
+    running: &mut crate::config::RawConfig,
+    pipeline: &crate::pipeline::Pipeline,
+) -> bool {
+    use crate::reload::Reload;
+    tracing::info!(config = %cfg.source.display(), "SIGHUP: re-reading the configuration");
+    let (current, source) = (running.clone(), cfg.source.clone());
+    let plan = match tokio::task::spawn_blocking(move || crate::reload::plan(&current, &source))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "reloading the configuration failed; keeping the running one");
+            return false;
+        }
+    };
+    match plan {
+        Reload::Unchanged => {
+            tracing::info!("configuration unchanged");
+            false
+        }
+        Reload::Rules(new) => {
+            let count = new.rules.len();
+            pipeline.set_rules(new.rules.clone()).await;
+            *running = new.raw;
+            tracing::info!(
+                rules = count,
+                "configuration reloaded: rules applied in place"
+            );
+            false
+        }
+        Reload::Restart => {
+            tracing::info!("configuration changed: restarting in process to apply it");
+            true
+        }
+        Reload::Invalid(e) => {
+            tracing::error!(error = %e, "the configuration on disk is invalid; keeping the running one");
+            false
+        }
+    }
+}
+
+/// The next SIGHUP; never, when SIGHUP cannot be watched.
+async fn hangup(hangups: &mut Option<tokio::signal::unix::Signal>) {
+    match hangups {
+        Some(s) => {
+            if s.recv().await.is_none() {
+                std::future::pending::<()>().await;
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the daemon");
-            let _ = tokio::signal::ctrl_c().await;
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells systemd a reload began (RELOADING=1 with the MONOTONIC_USEC that
+/// systemd 253 and later require with it); READY=1 ends it.
+fn notify_reloading() {
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    let _ = sd_notify::notify(&states);
+}
+
+/// SIGTERM or SIGINT. Both are watched from the call on, not from the
+/// first poll: one that arrives in between is not lost, and does not kill
+/// the process with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(e), Ok(mut int)) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the daemon");
+                int.recv().await;
+            }
+            (Ok(mut term), Err(e)) => {
+                tracing::warn!(error = %e, "cannot watch SIGINT; only SIGTERM stops the daemon");
+                term.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM or SIGINT");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }

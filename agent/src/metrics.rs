@@ -7,6 +7,12 @@
 //! `/healthz` is 200 while the daemon runs: any long-lived task ending makes
 //! the daemon exit. `/readyz` is 200 because this listener is started only
 //! after every configured listener is bound and the outbox is open.
+//!
+//! Labels are bounded: protocols, results, reasons, and names from the
+//! configuration (streams, rules); never a device. `docs/operations.md`
+//! lists every family.
+
+mod process;
 
 use crate::admin::AdminContext;
 use crate::stats::{PROTOCOL_ERROR_LABELS, PROTOCOLS_LABELS, RESULT_LABELS};
@@ -265,7 +271,7 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
         &mut o,
         "sluice_firmware_bytes_served_total",
         "counter",
-        "Firmware bytes served to devices (MQTT chunks, CoAP Block2).",
+        "Firmware bytes served to devices (MQTT chunks, CoAP Block2, HTTP).",
     );
     let _ = writeln!(
         o,
@@ -339,5 +345,6 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
         "sluice_uptime_seconds {}",
         ctx.started.elapsed().as_secs()
     );
+    process::render(&mut o);
     Ok(o)
 }

@@ -662,8 +662,12 @@ fn encode(out: Outbound, version: Version, limits: Limits, buf: &mut BytesMut) {
 
 /// One outbox append carrying the records of one or more PUBLISHes (their
 /// tickets and record counts, in order), or the reason it could not be
-/// handed over.
-type InFlight = (Vec<(u64, usize)>, Result<PendingAppend, Stored>);
+/// handed over, and when it was submitted (for `sluice_ingest_commit_seconds`).
+type InFlight = (
+    Vec<(u64, usize)>,
+    Result<PendingAppend, Stored>,
+    std::time::Instant,
+);
 
 fn stored(r: Result<sluice_cloud_sync::AppendReceipt, AppendError>) -> Stored {
     match r {
@@ -682,16 +686,16 @@ fn stored(r: Result<sluice_cloud_sync::AppendReceipt, AppendError>) -> Stored {
 async fn next_commit(pending: &mut VecDeque<InFlight>) -> Stored {
     match pending.front_mut() {
         None => std::future::pending().await,
-        Some((_, Ok(p))) => stored(p.await),
-        Some((_, Err(s))) => *s,
+        Some((_, Ok(p), _)) => stored(p.await),
+        Some((_, Err(s), _)) => *s,
     }
 }
 
 /// The head's commit result if it is already known.
 fn ready_commit(pending: &mut VecDeque<InFlight>) -> Option<Stored> {
     match pending.front_mut()? {
-        (_, Ok(p)) => p.try_result().map(stored),
-        (_, Err(s)) => Some(*s),
+        (_, Ok(p), _) => p.try_result().map(stored),
+        (_, Err(s), _) => Some(*s),
     }
 }
 
@@ -807,6 +811,7 @@ impl Conn<'_> {
         if self.staged_tickets.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
         let submitted = self
             .ctx
             .pipeline
@@ -815,6 +820,7 @@ impl Conn<'_> {
         self.pending.push_back((
             std::mem::take(&mut self.staged_tickets),
             submitted.map_err(|e| stored(Err(e))),
+            started,
         ));
     }
 
@@ -983,8 +989,13 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 // write, so their PUBACKs leave together.
                 let mut result = Some(result);
                 while let Some(r) = result {
-                    let tickets = conn.pending.pop_front().map(|(t, _)| t).unwrap_or_default();
+                    let (tickets, waited) = conn
+                        .pending
+                        .pop_front()
+                        .map(|(t, _, started)| (t, started.elapsed().as_secs_f64()))
+                        .unwrap_or_default();
                     for (ticket, n) in tickets {
+                        ctx.stats.commit_seconds.observe(waited);
                         let actions = session.stored(ticket, r, n, env);
                         if !conn.execute(actions, session.version()).await {
                             let _ = send(&mut sock, &conn.out).await;

@@ -54,7 +54,9 @@
 //! write connection; it takes every pending command (appends, acks, expiry) into
 //! one transaction (group commit) and answers each append only after that
 //! commit returned. Deletes go through the same writer: a second writing
-//! connection starves under `synchronous = FULL`.
+//! connection starves under `synchronous = FULL`. A ping ([`Outbox::ping`],
+//! the systemd watchdog's liveness probe) is answered as the writer takes
+//! it, with no transaction: a writer stuck in a commit answers none.
 //!
 //! **Eviction.** An append to stream S that does not fit — S over its own cap,
 //! or the outbox over `max_bytes` — under `drop_oldest` deletes the oldest
@@ -579,6 +581,8 @@ enum Command {
         reply: oneshot::Sender<Result<u64, AppendError>>,
     },
     SetAside(String),
+    /// Answered as soon as the writer takes it (a liveness probe).
+    Ping(oneshot::Sender<()>),
     Shutdown,
 }
 
@@ -836,6 +840,8 @@ impl Outbox {
             mono_at_open: clock.mono_ms(),
             shared: shared.clone(),
             committed_tx,
+            #[cfg(debug_assertions)]
+            freeze_at: freeze_hook(),
         };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
@@ -951,6 +957,18 @@ impl Outbox {
     /// Fails only after shutdown.
     pub async fn restamp(&self) -> Result<(), OutboxError> {
         self.send(Command::Restamp).await
+    }
+
+    /// Returns once the writer thread has taken every command queued
+    /// before this one: it is making progress, not stuck in a commit (the
+    /// systemd watchdog's liveness probe). Costs one channel round trip,
+    /// no transaction.
+    ///
+    /// Fails only after shutdown.
+    pub async fn ping(&self) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Ping(reply)).await?;
+        rx.await.map_err(|_| OutboxError::Closed)
     }
 
     async fn send(&self, cmd: Command) -> Result<(), OutboxError> {
@@ -1664,6 +1682,23 @@ struct Writer {
     mono_at_open: i64,
     shared: Arc<Shared>,
     committed_tx: watch::Sender<Seq>,
+    /// When the test hook freezes this thread ([`FREEZE_WRITER_ENV`]).
+    #[cfg(debug_assertions)]
+    freeze_at: Option<std::time::Instant>,
+}
+
+/// Test hook, debug builds only (release builds have no such variable):
+/// `SLUICE_TEST_FREEZE_WRITER_AFTER_MS=N` stops the writer thread for good
+/// at the first command it takes N ms after the outbox opened, as a writer
+/// stuck in the kernel would. The watchdog test uses it to see the
+/// daemon's systemd pings stop.
+#[cfg(debug_assertions)]
+const FREEZE_WRITER_ENV: &str = "SLUICE_TEST_FREEZE_WRITER_AFTER_MS";
+
+#[cfg(debug_assertions)]
+fn freeze_hook() -> Option<std::time::Instant> {
+    let ms: u64 = std::env::var(FREEZE_WRITER_ENV).ok()?.trim().parse().ok()?;
+    Some(std::time::Instant::now() + Duration::from_millis(ms))
 }
 
 enum Reply {
@@ -1700,6 +1735,17 @@ impl Reply {
     }
 }
 
+/// Adds `cmd` to the batch being collected; a ping is answered at once
+/// (taking it is the proof of progress it asks for).
+fn take(batch: &mut Vec<Command>, cmd: Command) {
+    match cmd {
+        Command::Ping(reply) => {
+            let _ = reply.send(());
+        }
+        cmd => batch.push(cmd),
+    }
+}
+
 /// What the lifetime clock and this boot's clock read for one transaction.
 #[derive(Clone, Copy)]
 struct Now {
@@ -1714,12 +1760,17 @@ impl Writer {
         let _span = tracing::info_span!("outbox-writer").entered();
         let mut batch = Vec::new();
         while let Some(first) = cmd_rx.blocking_recv() {
-            batch.push(first);
+            #[cfg(debug_assertions)]
+            self.freeze_if_due();
+            take(&mut batch, first);
             while batch.len() < MAX_COMMANDS_PER_COMMIT {
                 match cmd_rx.try_recv() {
-                    Ok(c) => batch.push(c),
+                    Ok(c) => take(&mut batch, c),
                     Err(_) => break,
                 }
+            }
+            if batch.is_empty() {
+                continue;
             }
             let shutdown = batch.iter().any(|c| matches!(c, Command::Shutdown));
             self.commit_batch(std::mem::take(&mut batch));
@@ -1745,6 +1796,22 @@ impl Writer {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         {
             tracing::warn!(error = %e, "final WAL checkpoint failed");
+        }
+    }
+
+    #[cfg(debug_assertions)]
+    fn freeze_if_due(&self) {
+        if self
+            .freeze_at
+            .is_some_and(|at| std::time::Instant::now() >= at)
+        {
+            tracing::warn!(
+                hook = FREEZE_WRITER_ENV,
+                "test hook: the outbox writer freezes now"
+            );
+            loop {
+                std::thread::park();
+            }
         }
     }
 
@@ -1987,7 +2054,10 @@ impl Writer {
                         }
                         replies.push(Reply::Purge(reply, Ok(n)));
                     }
-                    Command::Restamp | Command::SetAside(_) | Command::Shutdown => {}
+                    Command::Restamp
+                    | Command::SetAside(_)
+                    | Command::Ping(_)
+                    | Command::Shutdown => {}
                 }
             }
             flush_rows(&tx, &mut rows)?;

@@ -1135,3 +1135,30 @@ fn a_joined_append_waits_for_all_and_reports_the_first_failure() {
         assert_eq!(p.await.unwrap().last, Seq(5));
     });
 }
+
+#[test]
+fn ping_is_answered_by_a_live_writer_behind_queued_work_and_fails_after_close() {
+    rt().block_on(async {
+        let d = Dir::new();
+        let o = d.open(config(1 << 20, WhenFull::DropOldest));
+        let limit = Duration::from_secs(10);
+        tokio::time::timeout(limit, o.ping())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut pending = Vec::new();
+        for n in 0..50 {
+            pending.push(o.submit(&[rec("a", n)]).await.unwrap());
+        }
+        tokio::time::timeout(limit, o.ping())
+            .await
+            .unwrap()
+            .unwrap();
+        for p in pending {
+            tokio::time::timeout(limit, p).await.unwrap().unwrap();
+        }
+        assert_eq!(o.stats().await.unwrap().records, 50, "a ping adds nothing");
+        o.close().await;
+        assert!(matches!(o.ping().await, Err(OutboxError::Closed)));
+    });
+}
