@@ -52,17 +52,60 @@ fn target(name: &str, data: &[u8]) {
                 assert_eq!(compare_versions(a, b), compare_versions(b, a).reverse());
             }
         }
+        "record" => {
+            // A stored outbox body: decoded or refused; what decodes
+            // re-encodes to something that decodes to the same record.
+            if let Ok(r) = sluice_cloud_sync::Record::decode(data) {
+                let mut again = Vec::new();
+                r.encode_into(&mut again).unwrap();
+                assert_eq!(sluice_cloud_sync::Record::decode(&again).unwrap(), r);
+            }
+        }
+        "downlink" => {
+            // What the cloud sends down, on each topic either profile reads.
+            use sluice_cloud_sync::profile::tb;
+            let topic = match data.first().map_or(0, |b| b % 8) {
+                0 => "p/commands",
+                1 => "p/attributes/shared",
+                2 => tb::RPC,
+                3 => tb::ATTRIBUTES,
+                4 => tb::ME_ATTRIBUTES,
+                5 => "v1/devices/me/rpc/request/7",
+                6 => "v1/devices/me/attributes/response/2",
+                _ => "elsewhere",
+            };
+            let payload = data.get(1..).unwrap_or_default();
+            let _ = sluice_cloud_sync::downlink::parse(
+                "p/commands",
+                "p/attributes/shared",
+                topic,
+                payload,
+            );
+            let _ = tb::parse("gw", topic, payload);
+            let _ = tb::session_limits(payload);
+            let _ = tb::is_own_echo(topic, payload);
+        }
+        "envelope" => {
+            // A signed envelope (fleet configuration, firmware manifest):
+            // random bytes never verify against a key nobody holds.
+            let key = [7u8; 32];
+            assert!(sluice_agent::fleet::open(data, &[key]).is_err());
+            assert!(sluice_agent::fleet::verify(data, &[key]).is_err());
+        }
         other => panic!("no target {other}"),
     }
 }
 
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 9] = [
     "mqtt_session",
     "coap_datagram",
     "tbjson",
     "senml",
     "cert_not_after",
     "manifest",
+    "record",
+    "downlink",
+    "envelope",
 ];
 
 fn seeds(name: &str) -> Vec<Vec<u8>> {
@@ -78,6 +121,29 @@ fn seeds(name: &str) -> Vec<Vec<u8>> {
         out.push(match name {
             "tbjson" => br#"{"ts":1700000000000,"values":{"t":21.5,"on":true,"s":"x"}}"#.to_vec(),
             "senml" => br#"[{"bn":"d/","bt":1.7e9,"n":"t","v":21.5},{"n":"s","vs":"x"}]"#.to_vec(),
+            "record" => {
+                let r = sluice_cloud_sync::Record {
+                    device: DeviceName::new("dev-1"),
+                    ts_ms: 1_700_000_000_123,
+                    ts_trusted: true,
+                    values: vec![
+                        ("t".into(), sluice_cloud_sync::Value::F64(21.5)),
+                        ("s".into(), sluice_cloud_sync::Value::Str("x".into())),
+                    ],
+                };
+                let mut b = Vec::new();
+                r.encode_into(&mut b).unwrap();
+                b
+            }
+            // Topic selector 0 (P/commands), then a command.
+            "downlink" => [
+                &[0u8][..],
+                br#"{"id":"c1","device":"d1","method":"m","params":{"a":1},"expires_ms":500}"#,
+            ]
+            .concat(),
+            "envelope" => {
+                br#"{"payload":"eyJ2ZXJzaW9uIjoxfQ==","signature":"AAAA","key_id":"x"}"#.to_vec()
+            }
             _ => Vec::new(),
         });
     }
