@@ -448,7 +448,24 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Status { json } => {
-            let st = admin::request(&cfg.admin_socket, "status")?;
+            let st = match admin::request(&cfg.admin_socket, "status") {
+                Ok(st) => st,
+                // No daemon: say so, and show what the state dir tells.
+                Err(e @ admin::AdminError::NotRunning { .. }) => {
+                    eprintln!("sluice: {e}; showing what the state dir holds");
+                    let st = offline_status(&cfg);
+                    if json {
+                        print_json(&st)?;
+                    } else {
+                        print_offline_status(&st);
+                    }
+                    return Err(Failure {
+                        code: 1,
+                        message: "the daemon is not running".into(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 print_json(&st)
             } else {
@@ -479,6 +496,70 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             json,
         } => tail(&cfg, device, dropped, json),
         Command::Doctor { json, quick_check } => doctor(&cli.config, json, quick_check),
+    }
+}
+
+/// `sluice status` without a daemon: `{"running":false, "gateway":{"id",
+/// "epoch"}, "outbox":{…}|null, "devices":{"registered"}, "firmware":{…}}`
+/// from the state dir (each part `null` when its file is missing or
+/// unreadable).
+fn offline_status(cfg: &Config) -> Json {
+    use serde_json::json;
+    let outbox = sluice_cloud_sync::outbox::read_stats(&cfg.outbox_path())
+        .ok()
+        .and_then(|st| serde_json::to_value(st).ok())
+        .unwrap_or(Json::Null);
+    let (epoch, registered, firmware) = if cfg.state_db_path().exists() {
+        match sluice_cloud_sync::statedb::open_read_only(&cfg.state_db_path()) {
+            Ok(conn) => (
+                sluice_cloud_sync::statedb::epoch(&conn).ok(),
+                conn.query_row("SELECT count(*) FROM devices WHERE revoked = 0", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .ok(),
+                crate::campaign::status(&conn).ok(),
+            ),
+            Err(_) => (None, None, None),
+        }
+    } else {
+        (None, None, None)
+    };
+    json!({
+        "running": false,
+        "version": env!("CARGO_PKG_VERSION"),
+        "gateway": {"id": cfg.gateway_id, "epoch": epoch},
+        "outbox": outbox,
+        "devices": {"registered": registered},
+        "firmware": firmware,
+    })
+}
+
+fn print_offline_status(st: &Json) {
+    outln!("daemon         not running");
+    outln!(
+        "gateway        {} (epoch {})",
+        st["gateway"]["id"].as_str().unwrap_or("?"),
+        st["gateway"]["epoch"].as_str().unwrap_or("unknown")
+    );
+    match st["outbox"].as_object() {
+        Some(o) => outln!(
+            "outbox         {} records, {} bytes queued",
+            o.get("records").and_then(Json::as_u64).unwrap_or(0),
+            o.get("bytes").and_then(Json::as_u64).unwrap_or(0)
+        ),
+        None => outln!("outbox         none (has the daemon ever run?)"),
+    }
+    if let Some(n) = st["devices"]["registered"].as_i64() {
+        outln!("devices        {n} registered");
+    }
+    if let Some(c) = st["firmware"]["campaigns"]
+        .as_array()
+        .filter(|c| !c.is_empty())
+    {
+        outln!(
+            "firmware       {} device campaign(s) (sluice firmware status)",
+            c.len()
+        );
     }
 }
 

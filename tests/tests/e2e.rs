@@ -1930,3 +1930,31 @@ fn mqtt_qos1_sigkill_loses_no_pubacked_message() {
         recs.len()
     );
 }
+
+#[test]
+fn status_without_a_daemon_says_so_and_shows_the_state_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(tmp.path(), &GatewaySpec::default());
+    let token = gw.add_device("dev-1");
+    gw.add_device("dev-2");
+    gw.start();
+    let codes = curl_codes(curl_posts(&gw.url(&token), &bodies(0, 3)));
+    assert_eq!(codes, [200, 200, 200]);
+    let epoch = gw.status()["gateway"]["epoch"].clone();
+    assert_eq!(gw.stop(), Some(0));
+
+    let out = gw.cli(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "not running is not ok");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no running sluice daemon"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["running"], false);
+    assert_eq!(st["gateway"]["epoch"], epoch);
+    assert_eq!(st["outbox"]["records"], 3, "{st}");
+    assert_eq!(st["devices"]["registered"], 2);
+    let human = gw.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("not running"));
+}
