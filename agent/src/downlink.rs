@@ -118,6 +118,10 @@ pub struct RouterStats {
     pub attribute_pushes: AtomicU64,
     /// Firmware bytes served to devices (MQTT chunks, CoAP blocks).
     pub firmware_bytes_served: AtomicU64,
+    /// Firmware manifests accepted (signature, fields, anti-rollback).
+    pub manifests_accepted: AtomicU64,
+    /// Firmware manifests refused (each reported on `P/firmware/state`).
+    pub manifests_rejected: AtomicU64,
 }
 
 /// The router.

@@ -283,6 +283,22 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
     );
     head(
         &mut o,
+        "sluice_firmware_manifests_total",
+        "counter",
+        "Signed firmware manifests by result (a rejected one is reported on P/firmware/state).",
+    );
+    for (result, n) in [
+        ("accepted", &ctx.router.stats.manifests_accepted),
+        ("rejected", &ctx.router.stats.manifests_rejected),
+    ] {
+        let _ = writeln!(
+            o,
+            "sluice_firmware_manifests_total{{result=\"{result}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+    head(
+        &mut o,
         "sluice_rule_readings_total",
         "counter",
         "Readings per telemetry rule by outcome (matched, dropped, late, absorbed into a window, emitted).",

@@ -291,6 +291,10 @@ pub async fn run(
 
 impl Ota {
     fn reject(&self, title: &str, version: &str, sha256: &str, error: &str) {
+        self.router
+            .stats
+            .manifests_rejected
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(title, version, error, "firmware manifest rejected");
         let detail = json!({"title": title, "version": version, "sha256": sha256, "error": error});
         if let Err(e) = campaign::audit(&self.conn, "cloud", "manifest", "rejected", &detail) {
@@ -442,6 +446,10 @@ impl Ota {
             gateway,
             "firmware manifest accepted"
         );
+        self.router
+            .stats
+            .manifests_accepted
+            .fetch_add(1, Ordering::Relaxed);
         report(
             &self.router,
             &json!({

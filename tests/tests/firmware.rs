@@ -358,6 +358,13 @@ fn a_signed_manifest_is_downloaded_and_served_to_its_devices_one_at_a_time() {
     };
     assert_eq!(state_of(first_name), Some(json!("updated")), "{st}");
     assert_eq!(state_of(second_name), Some(json!("failed")), "{st}");
+    // Counted: the stranger's and the downgrade refused, one accepted.
+    let commands = &gw.status()["commands"];
+    assert_eq!(
+        (&commands["manifests_accepted"], &commands["manifests_rejected"]),
+        (&json!(1), &json!(2)),
+        "{commands}"
+    );
     // And `sluice status` sums it up.
     wait_for("the status summary", Duration::from_secs(5), || {
         let f = &gw.status()["firmware"];
