@@ -46,6 +46,12 @@ fi
 
 rustc -V
 cargo -V
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+# Each step says how long it took (CI keeps a 30-minute budget).
+timed() {
+  local t=$SECONDS
+  "$@"
+  echo "== $1 $2: $((SECONDS - t))s"
+}
+timed cargo fmt --all -- --check
+timed cargo clippy --workspace --all-targets -- -D warnings
+timed cargo test --workspace
