@@ -361,7 +361,10 @@ fn a_signed_manifest_is_downloaded_and_served_to_its_devices_one_at_a_time() {
     // Counted: the stranger's and the downgrade refused, one accepted.
     let commands = &gw.status()["commands"];
     assert_eq!(
-        (&commands["manifests_accepted"], &commands["manifests_rejected"]),
+        (
+            &commands["manifests_accepted"],
+            &commands["manifests_rejected"]
+        ),
         (&json!(1), &json!(2)),
         "{commands}"
     );
