@@ -93,20 +93,7 @@ fn expired_client_cert(pki: &Pki, dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
         dir.join("expired.key"),
         dir.join("expired.csr"),
     );
-    run_ok(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-subj", &format!("/CN={cn}"), "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr),
-    );
+    key_and_csr(cn, &key, &csr);
     run_ok(
         Command::new("openssl")
             .current_dir(dir)

@@ -66,6 +66,25 @@ fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// A new P-256 key in `key` and a certificate request for `/CN=cn` in `csr`
+/// (openssl), for a CA to sign.
+pub fn key_and_csr(cn: &str, key: &Path, csr: &Path) {
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-subj", &format!("/CN={cn}"), "-keyout"])
+            .arg(key)
+            .arg("-out")
+            .arg(csr),
+    );
+}
+
 /// A CA and a server certificate for 127.0.0.1/localhost, made with openssl.
 pub struct Pki {
     pub ca: PathBuf,
@@ -118,23 +137,7 @@ impl Pki {
         let dir = self.ca.parent().unwrap();
         let path = |suffix: &str| dir.join(format!("{cn}.{suffix}"));
         std::fs::write(path("ext"), format!("{ext}\n")).unwrap();
-        run_ok(
-            Command::new("openssl")
-                .args([
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                ])
-                .arg("-subj")
-                .arg(format!("/CN={cn}"))
-                .arg("-keyout")
-                .arg(path("key"))
-                .arg("-out")
-                .arg(path("csr")),
-        );
+        key_and_csr(cn, &path("key"), &path("csr"));
         run_ok(
             Command::new("openssl")
                 .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])

@@ -40,20 +40,7 @@ fn client_cert(pki: &Pki, dir: &Path, name: &str, cn: &str, days: u32) -> (PathB
         dir.join(format!("{name}.ext")),
     );
     std::fs::write(&ext, "extendedKeyUsage=clientAuth\n").unwrap();
-    run_ok(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-subj", &format!("/CN={cn}"), "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr),
-    );
+    key_and_csr(cn, &key, &csr);
     run_ok(
         Command::new("openssl")
             .args([
