@@ -210,6 +210,30 @@ enum DevicesCmd {
         /// (`*`, `?`) on mapped legacy MQTT topics (`[[mqtt.mappings]]`).
         #[arg(long = "bridge-for")]
         bridge_for: Option<String>,
+        /// DTLS PSK identity for CoAP over DTLS: what the device sends in
+        /// the handshake (1-128 bytes of UTF-8, no control characters,
+        /// unique). Needs --psk-key or --psk-key-file.
+        #[arg(long = "psk-identity", value_name = "ID", requires = "psk_key_source")]
+        psk_identity: Option<String>,
+        /// The pre-shared key as hex (1-64 bytes). It shows in shell
+        /// history and `ps`: prefer --psk-key-file.
+        #[arg(
+            long = "psk-key",
+            value_name = "HEX",
+            group = "psk_key_source",
+            requires = "psk_identity"
+        )]
+        psk_key: Option<String>,
+        /// A file holding the pre-shared key as hex (surrounding whitespace
+        /// ignored). Refused when group or others may read it (like ssh with
+        /// private keys): `chmod 600 FILE`.
+        #[arg(
+            long = "psk-key-file",
+            value_name = "FILE",
+            group = "psk_key_source",
+            requires = "psk_identity"
+        )]
+        psk_key_file: Option<PathBuf>,
     },
     /// List devices.
     List {
@@ -234,6 +258,27 @@ enum DevicesCmd {
     RotateToken {
         /// Device name.
         name: String,
+    },
+    /// Give an active device a new DTLS pre-shared key (CoAP over DTLS).
+    ///
+    /// Without --psk-key or --psk-key-file a random 16-byte key is made and
+    /// printed once as hex; it is not shown again. A running daemon closes
+    /// the device's DTLS sessions on the old key.
+    RotatePsk {
+        /// Device name.
+        name: String,
+        /// Set (or change) its PSK identity; needed when it has none yet.
+        #[arg(long = "psk-identity", value_name = "ID")]
+        psk_identity: Option<String>,
+        /// Use this key, as hex (1-64 bytes). It shows in shell history and
+        /// `ps`: prefer --psk-key-file.
+        #[arg(long = "psk-key", value_name = "HEX", conflicts_with = "psk_key_file")]
+        psk_key: Option<String>,
+        /// Use the key in this file, as hex (surrounding whitespace
+        /// ignored). Refused when group or others may read it (like ssh with
+        /// private keys): `chmod 600 FILE`.
+        #[arg(long = "psk-key-file", value_name = "FILE")]
+        psk_key_file: Option<PathBuf>,
     },
 }
 
@@ -1199,6 +1244,47 @@ fn value_text(v: &sluice_cloud_sync::Value) -> String {
     sluice_cloud_sync::profile::value_json(v).to_string()
 }
 
+/// The pre-shared key given as `--psk-key HEX` or `--psk-key-file FILE`,
+/// if either.
+///
+/// Fails on bad hex or length, or a key file that cannot be read or that
+/// group or others may read.
+fn psk_key_arg(
+    hex: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<Vec<u8>>, Failure> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(hex) = hex {
+        return Ok(Some(registry::parse_psk_hex(hex)?));
+    }
+    let Some(path) = file else {
+        return Ok(None);
+    };
+    let failed = |what: String| format!("--psk-key-file {}: {what}", path.display());
+    let mut f = std::fs::File::open(path).map_err(|e| failed(e.to_string()))?;
+    // The mode of the file opened, not of whatever the path names later.
+    let mode = f
+        .metadata()
+        .map_err(|e| failed(e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(failed(format!(
+            "mode {:04o} lets group or others read the key; `chmod 600 {}` first",
+            mode & 0o7777,
+            path.display()
+        ))
+        .into());
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(Some(
+        registry::parse_psk_hex(&text).map_err(|e| failed(e.to_string()))?,
+    ))
+}
+
 fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| format!("gateway.state_dir {}: {e}", cfg.state_dir.display()))?;
@@ -1210,6 +1296,9 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
             token,
             cert_sha256,
             bridge_for,
+            psk_identity,
+            psk_key,
+            psk_key_file,
         } => {
             let cert = cert_sha256
                 .as_deref()
@@ -1220,7 +1309,10 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
             {
                 return Err(registry::RegistryError::BadGlob(g.into()).into());
             }
-            let token = db.add_with_cert(&name, &kind, token.as_deref(), cert.as_ref())?;
+            // clap makes the identity and a key come together.
+            let psk_key = psk_key_arg(psk_key.as_deref(), psk_key_file.as_deref())?;
+            let psk = psk_identity.as_deref().zip(psk_key.as_deref());
+            let token = db.add_with_cert(&name, &kind, token.as_deref(), cert.as_ref(), psk)?;
             if bridge_for.is_some() {
                 db.set_bridge_for(&name, bridge_for.as_deref())?;
             }
@@ -1249,6 +1341,7 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
                 outln!("state    {}", if d.revoked { "revoked" } else { "active" });
                 outln!("created  {} (unix ms)", d.created_ms);
                 outln!("cert     {}", d.cert_sha256.as_deref().unwrap_or("-"));
+                outln!("psk      {}", d.psk_identity.as_deref().unwrap_or("-"));
                 outln!("source   {}", d.source);
             }
         }
@@ -1259,6 +1352,25 @@ fn devices(cfg: &Config, cmd: DevicesCmd) -> Result<(), Failure> {
         }
         DevicesCmd::RotateToken { name } => {
             outln!("{}", db.rotate_token(&name)?);
+            notify_registry_change(cfg);
+        }
+        DevicesCmd::RotatePsk {
+            name,
+            psk_identity,
+            psk_key,
+            psk_key_file,
+        } => {
+            match psk_key_arg(psk_key.as_deref(), psk_key_file.as_deref())? {
+                Some(key) => {
+                    db.set_psk(&name, psk_identity.as_deref(), &key)?;
+                    outln!("psk rotated for {name}");
+                }
+                None => {
+                    let key = registry::generate_psk()?;
+                    db.set_psk(&name, psk_identity.as_deref(), &key)?;
+                    outln!("{}", registry::fingerprint_hex(&key));
+                }
+            }
             notify_registry_change(cfg);
         }
     }
@@ -1317,4 +1429,82 @@ fn print_status(st: &Json) {
         outln!("uplink   offline mode (no [cloud] configured)");
     }
     outln!("devices  {} registered", s("/devices/registered"));
+    if st.get("coaps").is_some_and(|c| !c.is_null()) {
+        outln!(
+            "coaps    {} sessions, {} handshaking; {} handshakes, {} failed auth, {} timed out, {} revoked",
+            s("/coaps/established"),
+            s("/coaps/half_open"),
+            s("/coaps/handshakes"),
+            s("/coaps/auth_failures"),
+            s("/coaps/handshake_timeouts"),
+            s("/coaps/revoked")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sluice").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_psk_needs_an_identity_and_exactly_one_key_source() {
+        for ok in [
+            "devices add d --psk-identity i --psk-key 01",
+            "devices add d --psk-identity i --psk-key-file f",
+            "devices rotate-psk d",
+            "devices rotate-psk d --psk-identity i",
+            "devices rotate-psk d --psk-key 01",
+            "devices rotate-psk d --psk-identity i --psk-key-file f",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "devices add d --psk-identity i",
+            "devices add d --psk-key 01",
+            "devices add d --psk-key-file f",
+            "devices add d --psk-identity i --psk-key 01 --psk-key-file f",
+            "devices rotate-psk d --psk-key 01 --psk-key-file f",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_psk_key_file_is_read_as_hex_only_when_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key.hex");
+        std::fs::write(&f, "  0A0b\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            psk_key_arg(None, Some(&f)).ok().flatten(),
+            Some(vec![10, 11])
+        );
+        for mode in [0o640, 0o604] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = psk_key_arg(None, Some(&f)).err().unwrap();
+            assert!(err.message.contains("chmod 600"), "{}", err.message);
+        }
+        let bad = dir.path().join("bad.hex");
+        std::fs::write(&bad, "xyz").unwrap();
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = psk_key_arg(None, Some(&bad)).err().unwrap();
+        assert!(err.message.contains("hex"), "{}", err.message);
+        assert!(!err.message.contains("xyz"), "{}", err.message);
+        assert_eq!(
+            psk_key_arg(Some("0xff"), None).ok().flatten(),
+            Some(vec![255])
+        );
+        assert_eq!(psk_key_arg(None, None).ok().flatten(), None);
+    }
 }

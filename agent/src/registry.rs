@@ -16,6 +16,17 @@
 //! added, changed ones updated (and un-revoked), configured devices no
 //! longer listed are revoked (kept, so their history stays readable), and
 //! CLI devices are never touched.
+//!
+//! A device may also hold a DTLS 1.2 pre-shared key for CoAP over DTLS: a
+//! PSK identity (unique across devices; the client sends it in the
+//! handshake and it names the device) and the key. Storage decision: the
+//! key is kept in `state.db` as is, not hashed (the handshake needs the key
+//! itself) and not encrypted (an encryption key on the same disk adds
+//! nothing without a hardware key store). What protects it is the file's
+//! mode: `statedb::open` makes `state.db` and its `-wal`/`-shm` files 0600.
+//! The key never leaves the registry except through
+//! [`Registry::psk_lookup`]: [`DeviceInfo`] (the CLI's `devices show`/`list`)
+//! carries only the identity.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -71,9 +82,106 @@ pub enum RegistryError {
     /// No such device.
     #[error("no device named {0:?}")]
     NotFound(String),
+    /// The device is revoked; changing its credentials needs it active.
+    #[error("device {0:?} is revoked (`sluice devices rotate-token {0}` makes it active again)")]
+    Revoked(String),
+    /// The PSK identity is not acceptable.
+    #[error("PSK identity {0:?} must be 1-128 bytes of UTF-8 without control characters")]
+    BadPskIdentity(String),
+    /// The pre-shared key is not acceptable (the reason never quotes the
+    /// key).
+    #[error("pre-shared key: {0}")]
+    BadPskKey(String),
+    /// The PSK identity is registered to another device.
+    #[error("PSK identity {0:?} is already registered to another device")]
+    PskIdentityTaken(String),
+    /// A key was given without an identity for a device that has none.
+    #[error("device {0:?} has no PSK identity yet; give one with --psk-identity")]
+    NoPsk(String),
     /// The OS random source failed.
-    #[error("cannot generate a token: {0}")]
+    #[error("cannot read random bytes for a token or key: {0}")]
     Random(getrandom::Error),
+}
+
+/// The longest PSK identity, in bytes (RFC 4279 allows 2^16-1; 128 is
+/// plenty for a device name and keeps the handshake lookup cheap).
+pub const PSK_IDENTITY_MAX_BYTES: usize = 128;
+
+/// The longest pre-shared key, in bytes. RFC 4279 allows up to 2^16-1, but
+/// libcoap's and other OpenSSL-based DTLS clients cap a PSK at 64 bytes
+/// (`PSK_MAX_PSK_LEN`), so a longer key could never be used by them.
+pub const PSK_KEY_MAX_BYTES: usize = 64;
+
+/// The length of a key `sluice devices rotate-psk` generates: 128 bits.
+pub const GENERATED_PSK_BYTES: usize = 16;
+
+/// Whether `identity` is an acceptable PSK identity: 1-128 bytes of UTF-8
+/// (guaranteed by `&str`) without control characters.
+pub fn valid_psk_identity(identity: &str) -> bool {
+    !identity.is_empty()
+        && identity.len() <= PSK_IDENTITY_MAX_BYTES
+        && !identity.chars().any(char::is_control)
+}
+
+/// Checks a pre-shared key's length: 1-64 bytes ([`PSK_KEY_MAX_BYTES`]).
+///
+/// Fails with [`RegistryError::BadPskKey`] otherwise.
+pub fn check_psk_key(key: &[u8]) -> Result<(), RegistryError> {
+    if key.is_empty() {
+        return Err(RegistryError::BadPskKey("is empty".into()));
+    }
+    if key.len() > PSK_KEY_MAX_BYTES {
+        return Err(RegistryError::BadPskKey(format!(
+            "is {} bytes; at most {PSK_KEY_MAX_BYTES} (OpenSSL-based DTLS clients such as \
+             libcoap's cannot use a longer one)",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a pre-shared key written as hex: either case, surrounding
+/// whitespace ignored, an optional `0x` prefix; 1-64 bytes.
+///
+/// Fails with [`RegistryError::BadPskKey`] when anything else is left, the
+/// digit count is odd, or the length is out of range.
+pub fn parse_psk_hex(text: &str) -> Result<Vec<u8>, RegistryError> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    if !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(RegistryError::BadPskKey(
+            "must be written as hex digits (an optional 0x prefix)".into(),
+        ));
+    }
+    if !t.len().is_multiple_of(2) {
+        return Err(RegistryError::BadPskKey(
+            "has an odd number of hex digits".into(),
+        ));
+    }
+    let key = t
+        .as_bytes()
+        .chunks_exact(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| RegistryError::BadPskKey("is not hex".into()))
+        })
+        .collect::<Result<Vec<u8>, _>>()?;
+    check_psk_key(&key)?;
+    Ok(key)
+}
+
+/// A fresh pre-shared key: [`GENERATED_PSK_BYTES`] random bytes.
+///
+/// Fails only when the OS random source fails.
+pub fn generate_psk() -> Result<Vec<u8>, RegistryError> {
+    let mut key = vec![0u8; GENERATED_PSK_BYTES];
+    getrandom::fill(&mut key).map_err(RegistryError::Random)?;
+    Ok(key)
 }
 
 /// Whether `g` is an acceptable `--bridge-for` glob.
@@ -122,6 +230,9 @@ pub struct DeviceInfo {
     pub revoked: bool,
     /// SHA-256 of its TLS client certificate (lowercase hex), if registered.
     pub cert_sha256: Option<String>,
+    /// Its DTLS PSK identity, if it has a pre-shared key (the key itself is
+    /// never shown).
+    pub psk_identity: Option<String>,
     /// Glob of device names it may publish for on mapped topics, if any.
     pub bridge_for: Option<String>,
     /// Who registered it: `cli` or `config` (`[[devices]]`).
@@ -281,27 +392,35 @@ impl RegistryDb {
         kind: &str,
         token: Option<&str>,
     ) -> Result<String, RegistryError> {
-        self.add_with_cert(name, kind, token, None)
+        self.add_with_cert(name, kind, token, None, None)
     }
 
-    /// Registers a device, optionally with its client certificate's SHA-256;
-    /// returns its token (the one given, or a generated one: a device known
-    /// by its certificate still gets a token, for the HTTP API).
+    /// Registers a device, optionally with its client certificate's SHA-256
+    /// and a DTLS pre-shared key `(identity, key)`, in one insert; returns
+    /// its token (the one given, or a generated one: a device known by its
+    /// certificate or PSK still gets a token, for the HTTP API).
     ///
-    /// Fails when the name, type or token is invalid, or the name, token or
-    /// fingerprint is taken.
+    /// Fails when the name, type, token, PSK identity or key is invalid, or
+    /// the name, token, fingerprint or PSK identity is taken.
     pub fn add_with_cert(
         &self,
         name: &str,
         kind: &str,
         token: Option<&str>,
         cert_sha256: Option<&[u8; 32]>,
+        psk: Option<(&str, &[u8])>,
     ) -> Result<String, RegistryError> {
         if !valid_ident(name) {
             return Err(RegistryError::BadName(name.into()));
         }
         if !valid_ident(kind) {
             return Err(RegistryError::BadType(kind.into()));
+        }
+        if let Some((identity, key)) = psk {
+            if !valid_psk_identity(identity) {
+                return Err(RegistryError::BadPskIdentity(identity.into()));
+            }
+            check_psk_key(key)?;
         }
         let token = match token {
             Some(t) if valid_token(t) => t.to_owned(),
@@ -333,10 +452,25 @@ impl RegistryDb {
                 return Err(RegistryError::CertInUse);
             }
         }
+        if let Some((identity, _)) = psk
+            && holder(&self.conn, "psk_identity", identity)
+                .map_err(self.sql())?
+                .is_some()
+        {
+            return Err(RegistryError::PskIdentityTaken(identity.into()));
+        }
         self.insert_or_token_conflict(
-            "INSERT INTO devices (name, type, token_sha256, created_ms, cert_sha256) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name, kind, &hash[..], now_ms(), cert_sha256.map(|f| &f[..])],
+            "INSERT INTO devices (name, type, token_sha256, created_ms, cert_sha256, psk_identity, psk_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                name,
+                kind,
+                &hash[..],
+                now_ms(),
+                cert_sha256.map(|f| &f[..]),
+                psk.map(|(identity, _)| identity),
+                psk.map(|(_, key)| key),
+            ],
         )?;
         Ok(token)
     }
@@ -363,8 +497,8 @@ impl RegistryDb {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT name, type, created_ms, revoked, cert_sha256, bridge_for, source \
-                 FROM devices ORDER BY name",
+                "SELECT name, type, created_ms, revoked, cert_sha256, bridge_for, source, \
+                 psk_identity FROM devices ORDER BY name",
             )
             .map_err(self.sql())?;
         let rows = stmt
@@ -377,6 +511,7 @@ impl RegistryDb {
                     cert_sha256: r.get::<_, Option<Vec<u8>>>(4)?.map(|f| fingerprint_hex(&f)),
                     bridge_for: r.get(5)?,
                     source: r.get(6)?,
+                    psk_identity: r.get(7)?,
                 })
             })
             .map_err(self.sql())?;
@@ -443,6 +578,63 @@ impl RegistryDb {
             return Err(RegistryError::NotFound(name.into()));
         }
         Ok(token)
+    }
+
+    /// Sets an active device's DTLS pre-shared key: `key`, under `identity`
+    /// when given, else under the identity it already has. A running daemon
+    /// uses it after its next registry reload; sessions on the old key are
+    /// then re-checked by the listener.
+    ///
+    /// Fails when the identity or key is invalid, the device is unknown
+    /// ([`RegistryError::NotFound`]) or revoked ([`RegistryError::Revoked`]),
+    /// no identity is given and it has none ([`RegistryError::NoPsk`]), or
+    /// another device holds the identity ([`RegistryError::PskIdentityTaken`]).
+    pub fn set_psk(
+        &self,
+        name: &str,
+        identity: Option<&str>,
+        key: &[u8],
+    ) -> Result<(), RegistryError> {
+        if let Some(id) = identity
+            && !valid_psk_identity(id)
+        {
+            return Err(RegistryError::BadPskIdentity(id.into()));
+        }
+        check_psk_key(key)?;
+        // `unchecked_transaction` because `self` is shared; this connection
+        // runs nothing else meanwhile. A dropped transaction rolls back.
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        let row: Option<(bool, Option<String>)> = tx
+            .query_row(
+                "SELECT revoked, psk_identity FROM devices WHERE name = ?1",
+                [name],
+                |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.sql())?;
+        let Some((revoked, current)) = row else {
+            return Err(RegistryError::NotFound(name.into()));
+        };
+        if revoked {
+            return Err(RegistryError::Revoked(name.into()));
+        }
+        let identity = match (identity, current) {
+            (Some(id), _) => id.to_owned(),
+            (None, Some(id)) => id,
+            (None, None) => return Err(RegistryError::NoPsk(name.into())),
+        };
+        if holder(&tx, "psk_identity", &identity)
+            .map_err(self.sql())?
+            .is_some_and(|other| other != name)
+        {
+            return Err(RegistryError::PskIdentityTaken(identity));
+        }
+        tx.execute(
+            "UPDATE devices SET psk_identity = ?1, psk_key = ?2 WHERE name = ?3",
+            params![identity, key, name],
+        )
+        .map_err(self.sql())?;
+        tx.commit().map_err(self.sql())
     }
 
     /// Registers a device known only by the SHA-256 of its token (the
@@ -514,12 +706,14 @@ impl RegistryDb {
         Ok(report)
     }
 
-    /// The active devices keyed by token hash and by certificate fingerprint.
+    /// The active devices keyed by token hash, by certificate fingerprint
+    /// and by PSK identity.
     fn active(&self) -> Result<Active, RegistryError> {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT token_sha256, name, cert_sha256, bridge_for, type FROM devices WHERE revoked = 0",
+                "SELECT token_sha256, name, cert_sha256, bridge_for, type, psk_identity, psk_key \
+                 FROM devices WHERE revoked = 0",
             )
             .map_err(self.sql())?;
         let rows = stmt
@@ -530,13 +724,19 @@ impl RegistryDb {
                     r.get::<_, Option<Vec<u8>>>(2)?,
                     r.get::<_, Option<String>>(3)?,
                     r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<Vec<u8>>>(6)?,
                 ))
             })
             .map_err(self.sql())?;
         let mut out = Active::default();
         for row in rows {
-            let (hash, name, cert, bridge, kind) = row.map_err(self.sql())?;
+            let (hash, name, cert, bridge, kind, psk_identity, psk_key) =
+                row.map_err(self.sql())?;
             let name = DeviceName::new(name);
+            if let (Some(identity), Some(key)) = (psk_identity, psk_key) {
+                out.psks.insert(identity.into_bytes(), (name.clone(), key));
+            }
             out.names.insert(name.clone());
             out.types.insert(name.clone(), kind);
             if let Some(g) = bridge {
@@ -714,6 +914,8 @@ struct Active {
     names: std::collections::HashSet<DeviceName>,
     bridges: HashMap<DeviceName, String>,
     types: HashMap<DeviceName, String>,
+    /// PSK identity (as the handshake carries it) -> device and key.
+    psks: HashMap<Vec<u8>, (DeviceName, Vec<u8>)>,
 }
 
 /// The daemon's in-memory view of the active devices.
@@ -769,6 +971,16 @@ impl Registry {
     /// it is registered and not revoked.
     pub fn authenticate_cert(&self, fingerprint: &[u8; 32]) -> Option<DeviceName> {
         self.active.read().ok()?.certs.get(fingerprint).cloned()
+    }
+
+    /// The device and pre-shared key registered under this DTLS PSK
+    /// identity, if that device is registered and not revoked. Only takes
+    /// the in-memory read lock (never SQLite), so a DTLS handshake may call
+    /// it inline. After a reload ([`Registry::subscribe`]) a revoked device
+    /// gives `None` and a rotated key the new key: a live session must look
+    /// its identity up again then and close when the answer changed.
+    pub fn psk_lookup(&self, identity: &[u8]) -> Option<(DeviceName, Vec<u8>)> {
+        self.active.read().ok()?.psks.get(identity).cloned()
     }
 
     /// Whether `device` may publish data attributed to `target`: itself, or
@@ -917,9 +1129,9 @@ mod tests {
         let p = dir.path().join("state.db");
         let db = RegistryDb::open(&p).unwrap();
         let fp = cert_fingerprint(b"a DER certificate");
-        let tok = db.add_with_cert("cam", "t", None, Some(&fp)).unwrap();
+        let tok = db.add_with_cert("cam", "t", None, Some(&fp), None).unwrap();
         assert!(matches!(
-            db.add_with_cert("cam-2", "t", None, Some(&fp)),
+            db.add_with_cert("cam-2", "t", None, Some(&fp), None),
             Err(RegistryError::CertInUse)
         ));
         assert_eq!(
@@ -935,6 +1147,232 @@ mod tests {
         reg.reload().unwrap();
         assert!(generation.has_changed().unwrap());
         assert!(reg.authenticate_cert(&fp).is_none());
+    }
+
+    #[test]
+    fn a_device_added_with_a_psk_is_found_by_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        let tok = db
+            .add_with_cert("coap-1", "t", None, None, Some(("dev-1", b"secret1")))
+            .unwrap();
+        db.add("plain", "t", None).unwrap();
+        let reg = Registry::load(&p).unwrap();
+        let (name, key) = reg.psk_lookup(b"dev-1").unwrap();
+        assert_eq!((name.as_str(), key.as_slice()), ("coap-1", &b"secret1"[..]));
+        assert_eq!(reg.authenticate(&tok).unwrap().as_str(), "coap-1");
+        assert!(reg.psk_lookup(b"dev-2").is_none());
+        assert!(reg.psk_lookup(b"").is_none());
+        assert!(
+            reg.psk_lookup(b"coap-1").is_none(),
+            "the name is not the identity"
+        );
+        let shown = db.show("coap-1").unwrap();
+        assert_eq!(shown.psk_identity.as_deref(), Some("dev-1"));
+        assert_eq!(db.show("plain").unwrap().psk_identity, None);
+        let json = serde_json::to_string(&db.list().unwrap()).unwrap();
+        assert!(json.contains(r#""psk_identity":"dev-1""#), "{json}");
+        assert!(!json.contains("secret1"), "the key is never listed");
+        assert!(
+            !json.contains(&fingerprint_hex(b"secret1")),
+            "not even as hex"
+        );
+    }
+
+    #[test]
+    fn a_psk_identity_belongs_to_one_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        db.add_with_cert("a", "t", None, None, Some(("id-a", b"k")))
+            .unwrap();
+        db.add("b", "t", None).unwrap();
+        assert!(matches!(
+            db.add_with_cert("c", "t", None, None, Some(("id-a", b"k2"))),
+            Err(RegistryError::PskIdentityTaken(id)) if id == "id-a"
+        ));
+        assert!(
+            matches!(db.show("c"), Err(RegistryError::NotFound(_))),
+            "nothing added"
+        );
+        assert!(matches!(
+            db.set_psk("b", Some("id-a"), b"k2"),
+            Err(RegistryError::PskIdentityTaken(_))
+        ));
+        // A revoked holder keeps its identity.
+        db.revoke("a").unwrap();
+        assert!(matches!(
+            db.set_psk("b", Some("id-a"), b"k2"),
+            Err(RegistryError::PskIdentityTaken(_))
+        ));
+        db.set_psk("b", Some("id-b"), b"k2").unwrap();
+        assert_eq!(db.show("b").unwrap().psk_identity.as_deref(), Some("id-b"));
+    }
+
+    #[test]
+    fn revoking_a_psk_device_removes_it_from_lookup_at_the_next_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        db.add_with_cert("d", "t", None, None, Some(("id-d", b"key")))
+            .unwrap();
+        let reg = Registry::load(&p).unwrap();
+        let generation = reg.subscribe();
+        db.revoke("d").unwrap();
+        assert!(reg.psk_lookup(b"id-d").is_some(), "until the reload");
+        reg.reload().unwrap();
+        assert!(generation.has_changed().unwrap());
+        assert!(reg.psk_lookup(b"id-d").is_none());
+        assert!(matches!(
+            db.set_psk("d", None, b"new"),
+            Err(RegistryError::Revoked(n)) if n == "d"
+        ));
+    }
+
+    #[test]
+    fn set_psk_rotates_the_key_and_may_rename_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let db = RegistryDb::open(&p).unwrap();
+        db.add("d", "t", None).unwrap();
+        assert!(matches!(
+            db.set_psk("d", None, b"k1"),
+            Err(RegistryError::NoPsk(n)) if n == "d"
+        ));
+        db.set_psk("d", Some("id-1"), b"k1").unwrap();
+        let reg = Registry::load(&p).unwrap();
+        assert_eq!(reg.psk_lookup(b"id-1").unwrap().1, b"k1");
+
+        let k2 = generate_psk().unwrap();
+        assert_eq!(k2.len(), GENERATED_PSK_BYTES);
+        db.set_psk("d", None, &k2).unwrap();
+        assert_eq!(
+            reg.psk_lookup(b"id-1").unwrap().1,
+            b"k1",
+            "until the reload"
+        );
+        reg.reload().unwrap();
+        let (name, key) = reg.psk_lookup(b"id-1").unwrap();
+        assert_eq!((name.as_str(), key), ("d", k2.clone()));
+
+        db.set_psk("d", Some("id-2"), &k2).unwrap();
+        reg.reload().unwrap();
+        assert!(reg.psk_lookup(b"id-1").is_none());
+        assert_eq!(reg.psk_lookup(b"id-2").unwrap().0.as_str(), "d");
+        // Setting the identity a device already holds is no conflict.
+        db.set_psk("d", Some("id-2"), b"k3").unwrap();
+
+        assert!(matches!(
+            db.set_psk("ghost", Some("x"), b"k"),
+            Err(RegistryError::NotFound(_))
+        ));
+        assert!(matches!(
+            db.set_psk("d", Some(""), b"k"),
+            Err(RegistryError::BadPskIdentity(_))
+        ));
+        assert!(matches!(
+            db.set_psk("d", None, b""),
+            Err(RegistryError::BadPskKey(_))
+        ));
+        assert!(matches!(
+            db.set_psk("d", None, &[7; 65]),
+            Err(RegistryError::BadPskKey(_))
+        ));
+        reg.reload().unwrap();
+        assert_eq!(
+            reg.psk_lookup(b"id-2").unwrap().1,
+            b"k3",
+            "failed calls changed nothing"
+        );
+    }
+
+    #[test]
+    fn psk_identities_and_keys_are_checked_before_anything_is_stored() {
+        assert!(valid_psk_identity("dev-1"));
+        assert!(valid_psk_identity("Client_identity"));
+        assert!(valid_psk_identity("room 4 / sensor ä"));
+        assert!(valid_psk_identity(&"x".repeat(128)));
+        for bad in [
+            String::new(),
+            "x".repeat(129),
+            "a\nb".into(),
+            "a\0b".into(),
+            "\u{7f}".into(),
+        ] {
+            assert!(!valid_psk_identity(&bad), "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = RegistryDb::open(&dir.path().join("state.db")).unwrap();
+        assert!(matches!(
+            db.add_with_cert("d", "t", None, None, Some(("a\tb", b"k"))),
+            Err(RegistryError::BadPskIdentity(_))
+        ));
+        assert!(matches!(
+            db.add_with_cert("d", "t", None, None, Some(("id", &[0; 65]))),
+            Err(RegistryError::BadPskKey(_))
+        ));
+        assert!(matches!(
+            db.add_with_cert("d", "t", None, None, Some(("id", b""))),
+            Err(RegistryError::BadPskKey(_))
+        ));
+        assert!(db.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn psk_hex_parses_in_either_case_trimmed_with_an_optional_0x() {
+        for (text, want) in [
+            ("73656372657431", b"secret1".to_vec()),
+            ("0x00FF", vec![0, 0xff]),
+            ("0Xab", vec![0xab]),
+            ("  DeadBeef\n", vec![0xde, 0xad, 0xbe, 0xef]),
+            (&"ab".repeat(64), vec![0xab; 64]),
+        ] {
+            assert_eq!(parse_psk_hex(text).unwrap(), want, "{text:?}");
+        }
+        for bad in [
+            String::new(),
+            "  \n".into(),
+            "0x".into(),
+            "abc".into(),
+            "zz".into(),
+            "+1".into(),
+            "ab cd".into(),
+            "0xx12".into(),
+            "éa".into(),
+            "ab".repeat(65),
+        ] {
+            let err = parse_psk_hex(&bad).unwrap_err();
+            assert!(matches!(err, RegistryError::BadPskKey(_)), "{bad:?}");
+        }
+        let msg = parse_psk_hex("c0ffee1").unwrap_err().to_string();
+        assert!(
+            !msg.contains("c0ffee"),
+            "an error never quotes the key: {msg}"
+        );
+    }
+
+    #[test]
+    fn a_v5_state_db_opens_with_its_devices_and_takes_psks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let tok = RegistryDb::open(&p).unwrap().add("old", "t", None).unwrap();
+        Connection::open(&p)
+            .unwrap()
+            .execute_batch(
+                "DROP INDEX devices_psk_identity;
+                 ALTER TABLE devices DROP COLUMN psk_key;
+                 ALTER TABLE devices DROP COLUMN psk_identity;
+                 PRAGMA user_version = 5;",
+            )
+            .unwrap();
+        let db = RegistryDb::open(&p).unwrap();
+        let old = db.show("old").unwrap();
+        assert_eq!((old.revoked, old.psk_identity), (false, None));
+        db.set_psk("old", Some("id-old"), b"k").unwrap();
+        let reg = Registry::load(&p).unwrap();
+        assert_eq!(reg.authenticate(&tok).unwrap().as_str(), "old");
+        assert_eq!(reg.psk_lookup(b"id-old").unwrap().0.as_str(), "old");
     }
 
     fn configured(name: &str, token: &str) -> ConfigDevice {

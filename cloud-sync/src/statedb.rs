@@ -1,6 +1,6 @@
 //! `state_dir/state.db`: the gateway's small, precious state.
 //!
-//! Schema (PRAGMA user_version = 5):
+//! Schema (PRAGMA user_version = 6):
 //! - `identity(id = 1, epoch TEXT)`: the gateway epoch, random, created with the
 //!   state dir; `(gateway, epoch, seq)` names a record even across a re-flash.
 //! - `seq_mark(id = 1, next_free INTEGER)`: the seq high-water mark. Every seq
@@ -37,17 +37,28 @@
 //!   each device last reported it runs (`current_fw_title/version`), the
 //!   anti-rollback floor; and `firmware_audit(ts_ms, source, actor, action,
 //!   detail)`: every local staging and every manifest decision.
+//! - v6 adds `devices.psk_identity` (TEXT, nullable, unique when set: a
+//!   UNIQUE index) and `devices.psk_key` (BLOB, set exactly when the
+//!   identity is): a device's DTLS 1.2 pre-shared key for CoAP over DTLS.
+//!   Unlike tokens the key is stored as is, because the handshake needs it.
 //!
 //! Durability: `synchronous = FULL` in WAL mode; every write here is rare.
 //! Migrations run forward inside one transaction at open; a file whose
 //! user_version is newer than this binary knows is refused, never rewritten.
+//!
+//! Permissions: `state.db` holds the PSKs in the clear, so [`open`] makes
+//! it (and a `-wal` or `-shm` file left from before) mode 0600 before
+//! anything else touches it; SQLite creates `-wal` and `-shm` with the main
+//! file's mode, so those follow. Nothing else protects the keys: an
+//! encryption key kept on the same disk would add nothing without a hardware
+//! key store.
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary writes.
-pub const STATE_SCHEMA_VERSION: i64 = 5;
+pub const STATE_SCHEMA_VERSION: i64 = 6;
 
 /// Why state.db could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -76,17 +87,32 @@ pub enum StateDbError {
     /// The OS random source failed.
     #[error("cannot read random bytes for the gateway epoch: {0}")]
     Random(getrandom::Error),
+    /// The file's permissions could not be read or narrowed to 0600.
+    #[error(
+        "state database {path}: cannot make it readable by its owner only (mode 0600; \
+         run sluice as the file's owner): {source}"
+    )]
+    Permissions {
+        /// The file (state.db, or its -wal or -shm file).
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
 }
 
-/// Opens (creating and migrating as needed) `state.db` for writing.
+/// Opens (creating and migrating as needed) `state.db` for writing; the
+/// file and its `-wal` and `-shm` files are made mode 0600 first.
 ///
-/// Fails when the file cannot be opened, is corrupt, or has a newer schema.
+/// Fails when the file cannot be opened, its mode cannot be narrowed, it is
+/// corrupt, or has a newer schema.
 pub fn open(path: &Path) -> Result<Connection, StateDbError> {
     let sql = |source| StateDbError::Sqlite {
         path: path.to_owned(),
         source,
     };
     let mut conn = Connection::open(path).map_err(sql)?;
+    // Opening creates an empty file; nothing is written before this.
+    restrict_to_owner(path)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql)?;
@@ -117,6 +143,34 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StateDbError> {
         });
     }
     Ok(conn)
+}
+
+/// Clears the group and other bits of `path` and of its `-wal` and `-shm`
+/// files where present (a file already 0600 or stricter is left alone, so a
+/// file owned by another user but private is no error).
+fn restrict_to_owner(path: &Path) -> Result<(), StateDbError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm"] {
+        let mut f = path.as_os_str().to_owned();
+        f.push(suffix);
+        files.push(PathBuf::from(f));
+    }
+    for file in files {
+        let err = |source| StateDbError::Permissions {
+            path: file.clone(),
+            source,
+        };
+        let mode = match std::fs::metadata(&file) {
+            Ok(m) => m.permissions().mode(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file != path => continue,
+            Err(e) => return Err(err(e)),
+        };
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateDbError> {
@@ -237,6 +291,16 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateDbError> {
                  detail TEXT NOT NULL
              );
              PRAGMA user_version = 5;",
+        )
+        .map_err(sql)?;
+    }
+    if found < 6 {
+        tx.execute_batch(
+            "ALTER TABLE devices ADD COLUMN psk_identity TEXT;
+             ALTER TABLE devices ADD COLUMN psk_key BLOB
+                 CHECK ((psk_key IS NULL) = (psk_identity IS NULL));
+             CREATE UNIQUE INDEX devices_psk_identity ON devices (psk_identity);
+             PRAGMA user_version = 6;",
         )
         .map_err(sql)?;
     }
@@ -375,12 +439,181 @@ mod tests {
         drop(open(&p).unwrap());
     }
 
+    /// Turns a current file back into a v5 one (SQLite drops a column only
+    /// once its index and any CHECK naming it are gone).
+    const BACK_TO_V5: &str = "DROP INDEX devices_psk_identity;
+         ALTER TABLE devices DROP COLUMN psk_key;
+         ALTER TABLE devices DROP COLUMN psk_identity;
+         PRAGMA user_version = 5;";
+
+    #[test]
+    fn v6_adds_psk_columns_to_a_v5_file_keeping_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        {
+            let c = open(&p).unwrap();
+            c.execute_batch(BACK_TO_V5).unwrap();
+            c.execute_batch(
+                "INSERT INTO devices (name, type, token_sha256, created_ms, revoked, cert_sha256, bridge_for, source)
+                     VALUES ('d1', 't', x'01', 5, 0, x'aa', 'room-*', 'config');
+                 INSERT INTO devices (name, type, token_sha256, created_ms, revoked)
+                     VALUES ('d2', 'u', x'02', 6, 1);
+                 INSERT INTO attributes (device, scope, key, value, updated_ms)
+                     VALUES ('d1', 'shared', 'k', '1', 7);
+                 INSERT INTO firmware_images (title, version, size, sha256, file, staged_ms)
+                     VALUES ('fw', '1', 3, 'x', 'f', 8);
+                 INSERT INTO firmware_campaigns (device, title, version, sha256, state, updated_ms)
+                     VALUES ('d1', 'fw', '1', 'x', 'queued', 9);
+                 UPDATE seq_mark SET next_free = 77;",
+            )
+            .unwrap();
+            assert!(
+                c.prepare("SELECT psk_identity FROM devices").is_err(),
+                "really a v5 file"
+            );
+        }
+        let c = open(&p).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 6);
+        type DeviceRow = (
+            String,
+            String,
+            i64,
+            i64,
+            Option<Vec<u8>>,
+            Option<String>,
+            String,
+        );
+        let rows: Vec<DeviceRow> = c
+            .prepare(
+                "SELECT name, type, created_ms, revoked, cert_sha256, bridge_for, source \
+                 FROM devices ORDER BY name",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "d1".into(),
+                    "t".into(),
+                    5,
+                    0,
+                    Some(vec![0xaa]),
+                    Some("room-*".into()),
+                    "config".into()
+                ),
+                ("d2".into(), "u".into(), 6, 1, None, None, "cli".into()),
+            ]
+        );
+        for (table, n) in [
+            ("attributes", 1),
+            ("firmware_images", 1),
+            ("firmware_campaigns", 1),
+        ] {
+            let got: i64 = c
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(got, n, "{table}");
+        }
+        assert_eq!(seq_mark(&c).unwrap(), 77);
+        let psks: Vec<(Option<String>, Option<Vec<u8>>)> = c
+            .prepare("SELECT psk_identity, psk_key FROM devices")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(psks, vec![(None, None), (None, None)]);
+
+        c.execute(
+            "UPDATE devices SET psk_identity = 'id-1', psk_key = x'01' WHERE name = 'd1'",
+            [],
+        )
+        .unwrap();
+        assert!(
+            c.execute(
+                "UPDATE devices SET psk_identity = 'id-1', psk_key = x'02' WHERE name = 'd2'",
+                [],
+            )
+            .is_err(),
+            "an identity belongs to one device"
+        );
+        assert!(
+            c.execute(
+                "UPDATE devices SET psk_identity = 'id-2' WHERE name = 'd2'",
+                []
+            )
+            .is_err(),
+            "an identity comes with a key"
+        );
+        assert!(
+            c.execute("UPDATE devices SET psk_key = x'02' WHERE name = 'd2'", [])
+                .is_err(),
+            "a key comes with an identity"
+        );
+        drop(c);
+        drop(open(&p).unwrap());
+    }
+
+    #[test]
+    fn a_new_state_db_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let c = open(&p).unwrap();
+        c.execute("UPDATE seq_mark SET next_free = 9", []).unwrap();
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn an_existing_group_readable_state_db_is_narrowed_to_0600_on_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        drop(open(&p).unwrap());
+        // A -wal left behind by a crash, from when the file was 0644.
+        let wal = dir.path().join("state.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        for f in [&p, &wal] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let c = open(&p).unwrap();
+        for f in [&p, &wal] {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+        }
+        assert_eq!(seq_mark(&c).unwrap(), 1);
+    }
+
     #[test]
     fn v5_adds_the_firmware_campaign_tables_to_a_v4_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state.db");
         {
             let c = open(&p).unwrap();
+            c.execute_batch(BACK_TO_V5).unwrap();
             c.execute_batch(
                 "DROP TABLE firmware_downloads; DROP TABLE firmware_campaigns;
                  DROP TABLE firmware_devices; DROP TABLE firmware_audit;
@@ -393,7 +626,7 @@ mod tests {
         let v: i64 = c
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 5);
+        assert_eq!(v, STATE_SCHEMA_VERSION);
         for t in [
             "firmware_downloads",
             "firmware_campaigns",
@@ -427,6 +660,7 @@ mod tests {
         {
             let c = open(&p).unwrap();
             // Back to a v3 file with a device in it.
+            c.execute_batch(BACK_TO_V5).unwrap();
             c.execute_batch(
                 "DROP TABLE firmware_downloads; DROP TABLE firmware_campaigns;
                  DROP TABLE firmware_devices; DROP TABLE firmware_audit;
