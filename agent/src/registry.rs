@@ -30,7 +30,6 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sluice_cloud_sync::{DeviceName, statedb};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -325,22 +324,29 @@ pub fn fingerprint_hex(fp: &[u8]) -> String {
     fp.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// SHA-256 of `data` (ring's: the binary carries one SHA-256).
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+    out
+}
+
 /// The SHA-256 fingerprint of a DER certificate.
 pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
-    Sha256::digest(der).into()
+    sha256(der)
 }
 
 /// The SHA-256 of an access token, as stored (`token_sha256`) and as a
 /// `[[devices]]` entry gives it (`printf %s TOKEN | sha256sum`).
 pub fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+    sha256(token.as_bytes())
 }
 
 /// A stand-in token hash for a configured device whose hash is moving to
 /// another device in the same merge (the column is UNIQUE). No token
 /// hashes to it: a token cannot contain `/`.
 fn placeholder_hash(name: &str) -> [u8; 32] {
-    Sha256::digest(format!("sluice-unassigned/{name}").as_bytes()).into()
+    sha256(format!("sluice-unassigned/{name}").as_bytes())
 }
 
 /// A registered device as the merge sees it.

@@ -46,7 +46,6 @@
 use crate::config::{Config, Handoff};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
-use sha2::{Digest, Sha256};
 use sluice_firmware::lwm2m::{UpdateResult, UpdateState};
 use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -681,7 +680,7 @@ fn verify(path: &Path, expected: &str) -> Result<(), SelfUpdateError> {
         source,
     };
     let mut f = std::fs::File::open(path).map_err(io)?;
-    let mut hash = Sha256::new();
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = f.read(&mut buf).map_err(io)?;
@@ -690,7 +689,12 @@ fn verify(path: &Path, expected: &str) -> Result<(), SelfUpdateError> {
         }
         hash.update(&buf[..n]);
     }
-    let actual: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let actual: String = hash
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if actual == expected {
         Ok(())
     } else {

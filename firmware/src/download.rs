@@ -48,8 +48,8 @@ use crate::lwm2m::UpdateResult;
 use crate::url::{HttpsUrl, UrlError};
 use chunked::Chunked;
 use http::{ContentRange, Framing, ResponseHead};
+use ring::digest::{Context as Sha256, SHA256};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
-use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
@@ -791,7 +791,7 @@ fn open_part(path: &Path, size: u64) -> Result<Opened, DownloadError> {
         // The part must survive a crash, so its directory entry must too.
         sync_dir(staging)?;
     }
-    let mut hash = Sha256::new();
+    let mut hash = Sha256::new(&SHA256);
     let mut buf = vec![0u8; BUF_SIZE];
     let mut len = 0u64;
     let mut reader = (&file).take(size);
@@ -822,7 +822,7 @@ fn publish(
     expected: &str,
     ready: &Path,
 ) -> Result<(), DownloadError> {
-    let actual = crate::hex(&lock(hash).clone().finalize());
+    let actual = crate::hex(lock(hash).clone().finish().as_ref());
     if actual != expected {
         remove(path)?;
         return Err(DownloadError::Integrity {
@@ -862,7 +862,7 @@ impl Part {
             Box::new(move || file.set_len(0).map_err(io_err("truncate", &path))),
         )
         .await?;
-        *lock(&self.hash) = Sha256::new();
+        *lock(&self.hash) = Sha256::new(&SHA256);
         self.len = 0;
         self.synced = 0;
         Ok(())

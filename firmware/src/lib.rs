@@ -54,7 +54,6 @@ pub mod manifest;
 pub mod url;
 pub mod version;
 
-use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -160,7 +159,7 @@ pub fn stage(root: &Path, src: &Path, title: &str, version: &str) -> Result<Imag
     let mut input = File::open(src).map_err(io(src))?;
     let tmp = staging.join(format!("incoming-{}.part", std::process::id()));
     let mut out = File::create(&tmp).map_err(io(&tmp))?;
-    let mut hash = Sha256::new();
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let mut size = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -178,7 +177,7 @@ pub fn stage(root: &Path, src: &Path, title: &str, version: &str) -> Result<Imag
     }
     out.sync_all().map_err(io(&tmp))?;
     drop(out);
-    let sha256 = hex(&hash.finalize());
+    let sha256 = hex(hash.finish().as_ref());
     let path = ready.join(format!("{sha256}.bin"));
     fs::rename(&tmp, &path).map_err(io(&path))?;
     File::open(&ready)
@@ -238,7 +237,8 @@ mod tests {
         fs::write(&src, &bytes).unwrap();
         let img = stage(&dir.path().join("fw"), &src, "bench_fw.bin", "1.1").unwrap();
         assert_eq!(img.size, 5000);
-        let expect: String = Sha256::digest(&bytes)
+        let expect: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+            .as_ref()
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
