@@ -76,6 +76,8 @@ pub struct AdminContext {
     pub coap: Arc<crate::coap::CoapStats>,
     /// CoAP Observe registrations.
     pub coap_observers: Arc<crate::coap::Observers>,
+    /// The coaps listener's DTLS sessions and counters, if it runs.
+    pub coaps: Option<Arc<crate::coaps::DtlsSide>>,
     /// The registry.
     pub registry: Arc<Registry>,
     /// Ingest counters.
@@ -147,6 +149,7 @@ impl AdminContext {
         let commands = serde_json::to_value(&self.router.stats).unwrap_or(Json::Null);
         json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
             "gateway": { "id": self.gateway_id, "epoch": self.epoch },
             "uptime_s": self.started.elapsed().as_secs(),
             "listeners": self.listeners,
@@ -159,6 +162,7 @@ impl AdminContext {
                 "counters": serde_json::to_value(&*self.coap).unwrap_or(Json::Null),
                 "observers": self.coap_observers.count(),
             },
+            "coaps": self.coaps.as_ref().map(|c| serde_json::to_value(&*c.stats).unwrap_or(Json::Null)),
             "commands_pending": self.router.pending(),
             "commands_parked": self.router.parked(),
             "rules": serde_json::to_value(self.pipeline.counters().await).unwrap_or(Json::Null),

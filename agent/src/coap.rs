@@ -39,7 +39,8 @@
 //! whose header is readable gets RST, anything else is dropped; all counted.
 //!
 //! Plain CoAP has no transport security: the token travels in clear. Use it
-//! on trusted networks only; CoAP over DTLS is a later step.
+//! on trusted networks only, or coaps ([`serve_dtls`], [`crate::coaps`]):
+//! the same resources behind a DTLS session that names the device.
 
 pub mod block;
 pub mod exchange;
@@ -81,6 +82,9 @@ const PUSH_QUEUE: usize = 1024;
 /// Datagrams read per wake-up before the requests' records are submitted
 /// together (one outbox command per stream) and the loop yields.
 const RECV_BATCH: usize = 64;
+/// First path segments after `/api/v1/` that name a resource (on a DTLS
+/// session the token may be left out).
+const RESOURCES: [&str; 4] = ["telemetry", "attributes", "rpc", "firmware"];
 /// CoAP content formats.
 const CF_TEXT: u32 = 0;
 const CF_OCTETS: u32 = 42;
@@ -308,6 +312,8 @@ struct Request {
     block1: Option<Block>,
     block2: Option<Block>,
     payload: Vec<u8>,
+    /// The device a DTLS session authenticated (coaps); `None` on plain CoAP.
+    session_device: Option<DeviceName>,
 }
 
 impl Request {
@@ -419,36 +425,48 @@ pub fn enlarge_receive_buffer(sock: UdpSocket) -> std::io::Result<(UdpSocket, us
 /// Runs the listener on `sock` until `cancel`, then answers the commits in
 /// flight and returns.
 pub async fn serve(sock: UdpSocket, ctx: Arc<CoapContext>, cancel: CancellationToken) {
+    run(sock, ctx, None, cancel).await;
+}
+
+/// Runs the coaps listener (`[listeners.coaps]`) on `sock` until `cancel`:
+/// datagrams go through the DTLS session layer `dtls`, the CoAP inside them
+/// through the same resources as plain CoAP, attributed to the device the
+/// session authenticated. Registry changes close the sessions of devices
+/// that were revoked or got a new key; shutdown sends close_notify.
+pub async fn serve_dtls(
+    sock: UdpSocket,
+    ctx: Arc<CoapContext>,
+    dtls: Arc<crate::coaps::DtlsSide>,
+    cancel: CancellationToken,
+) {
+    run(sock, ctx, Some(dtls), cancel).await;
+}
+
+/// The listener loop of both: one task, one socket.
+async fn run(
+    sock: UdpSocket,
+    ctx: Arc<CoapContext>,
+    dtls: Option<Arc<crate::coaps::DtlsSide>>,
+    cancel: CancellationToken,
+) {
     let (tx, mut pushes) = mpsc::channel(PUSH_QUEUE);
     ctx.observers.attach(tx);
-    let mut first_mid = [0u8; 2];
-    let _ = getrandom::fill(&mut first_mid);
-    let mut server = Server {
-        sock: &sock,
-        ctx: &ctx,
-        layer: MessageLayer::new(
-            ctx.config.dedup_per_endpoint,
-            ctx.config.dedup_max,
-            u16::from_be_bytes(first_mid),
-        ),
-        blocks: Block1Assembler::new(
-            ctx.config.max_body,
-            MAX_ASSEMBLIES,
-            exchange::EXCHANGE_LIFETIME,
-        ),
-        waiting: VecDeque::new(),
-        staged: Vec::new(),
-        device_buckets: HashMap::new(),
-        global_bucket: Bucket {
-            tokens: ctx.config.rate_limit_global.max(1.0),
-            at: Instant::now(),
+    let mut registry_changes = ctx.registry.subscribe();
+    let transport = match &dtls {
+        None => Transport::Plain(&sock),
+        Some(d) => Transport::Dtls {
+            sock: &sock,
+            sessions: &d.table,
+            stats: &d.stats,
         },
-        jitter_state: u64::from(u16::from_be_bytes(first_mid)) | 1,
     };
+    let mut server = Server::new(transport, &ctx);
+    let authorize = |id: &[u8]| crate::coaps::authorize(&ctx.registry, id);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = false;
+    let mut deliveries = Vec::new();
     loop {
         if draining && server.waiting.is_empty() {
             break;
@@ -456,25 +474,119 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<CoapContext>, cancel: CancellationT
         let separate_at = server.next_separate();
         tokio::select! {
             r = sock.recv_from(&mut buf), if !draining => {
-                match r {
-                    Ok((n, peer)) => server.datagram(&buf[..n], peer).await,
-                    Err(e) => tracing::debug!(error = %e, "CoAP receive failed"),
-                }
-                // Whatever else has arrived, up to a batch, then one
-                // submit per stream for all of it.
-                for _ in 1..RECV_BATCH {
-                    match sock.try_recv_from(&mut buf) {
-                        Ok((n, peer)) => server.datagram(&buf[..n], peer).await,
-                        Err(_) => break,
+                match &dtls {
+                    None => {
+                        match r {
+                            Ok((n, peer)) => server.datagram(&buf[..n], peer, None).await,
+                            Err(e) => tracing::debug!(error = %e, "CoAP receive failed"),
+                        }
+                        // Whatever else has arrived, up to a batch, then one
+                        // submit per stream for all of it.
+                        for _ in 1..RECV_BATCH {
+                            match sock.try_recv_from(&mut buf) {
+                                Ok((n, peer)) => server.datagram(&buf[..n], peer, None).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Some(d) => {
+                        // Decrypt the batch under the table's lock, then
+                        // serve the CoAP inside without it.
+                        let now = Instant::now();
+                        let out = {
+                            let Ok(mut t) = d.table.lock() else { break };
+                            if let Ok((n, peer)) = r {
+                                t.datagram(now, peer, &buf[..n], &authorize, &mut deliveries);
+                            }
+                            for _ in 1..RECV_BATCH {
+                                match sock.try_recv_from(&mut buf) {
+                                    Ok((n, peer)) => {
+                                        t.datagram(now, peer, &buf[..n], &authorize, &mut deliveries);
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            crate::coaps::drain(&mut t)
+                        };
+                        crate::coaps::send_all(&sock, out).await;
+                        for m in deliveries.drain(..) {
+                            server.datagram(&m.data, m.peer, Some(m.device)).await;
+                        }
                     }
                 }
                 server.flush().await;
             },
             result = front_commit(&mut server.waiting) => server.settle(result).await,
             Some((device, push)) = pushes.recv() => server.notify(&device, push).await,
-            _ = tick.tick() => server.tick().await,
+            changed = registry_changes.changed(), if dtls.is_some() => {
+                let Some(d) = &dtls else { continue };
+                if changed.is_err() {
+                    // The registry is gone: the daemon is stopping.
+                    draining = true;
+                    continue;
+                }
+                let (out, gone) = {
+                    let Ok(mut t) = d.table.lock() else { break };
+                    let gone = t.recheck(&authorize);
+                    (crate::coaps::drain(&mut t), gone)
+                };
+                for (peer, device) in gone {
+                    tracing::info!(%peer, %device, "coaps session closed: device revoked or its key changed");
+                }
+                crate::coaps::send_all(&sock, out).await;
+            },
+            _ = tick.tick() => {
+                if let Some(d) = &dtls {
+                    let out = {
+                        let Ok(mut t) = d.table.lock() else { break };
+                        t.tick(Instant::now());
+                        crate::coaps::drain(&mut t)
+                    };
+                    crate::coaps::send_all(&sock, out).await;
+                }
+                server.tick().await;
+            },
             () = sleep_until_opt(separate_at) => server.tick().await,
             () = cancel.cancelled(), if !draining => draining = true,
+        }
+    }
+    if let Some(d) = &dtls {
+        let out = match d.table.lock() {
+            Ok(mut t) => {
+                t.close_all();
+                crate::coaps::drain(&mut t)
+            }
+            Err(_) => Vec::new(),
+        };
+        crate::coaps::send_all(&sock, out).await;
+    }
+}
+
+impl<'a> Server<'a> {
+    fn new(transport: Transport<'a>, ctx: &'a CoapContext) -> Self {
+        let mut first_mid = [0u8; 2];
+        let _ = getrandom::fill(&mut first_mid);
+        Server {
+            transport,
+            ctx,
+            layer: MessageLayer::new(
+                ctx.config.dedup_per_endpoint,
+                ctx.config.dedup_max,
+                u16::from_be_bytes(first_mid),
+            ),
+            blocks: Block1Assembler::new(
+                ctx.config.max_body,
+                MAX_ASSEMBLIES,
+                exchange::EXCHANGE_LIFETIME,
+            ),
+            waiting: VecDeque::new(),
+            staged: Vec::new(),
+            device_buckets: HashMap::new(),
+            global_bucket: Bucket {
+                tokens: ctx.config.rate_limit_global.max(1.0),
+                at: Instant::now(),
+            },
+            jitter_state: u64::from(u16::from_be_bytes(first_mid)) | 1,
         }
     }
 }
@@ -573,6 +685,7 @@ fn classify(bytes: &[u8], peer: SocketAddr) -> Datagram {
         block1: None,
         block2: None,
         payload: Vec::new(),
+        session_device: None,
     };
     let mut bad_option = None;
     for (num, values) in packet.options() {
@@ -632,8 +745,19 @@ pub fn fuzz_datagram(data: &[u8]) {
     }
 }
 
+/// Where the listener's datagrams go: straight to the socket, or through
+/// the peer's DTLS session.
+enum Transport<'a> {
+    Plain(&'a UdpSocket),
+    Dtls {
+        sock: &'a UdpSocket,
+        sessions: &'a Mutex<crate::coaps::Table>,
+        stats: &'a crate::coaps::sessions::DtlsStats,
+    },
+}
+
 struct Server<'a> {
-    sock: &'a UdpSocket,
+    transport: Transport<'a>,
     ctx: &'a CoapContext,
     layer: MessageLayer<Tag>,
     blocks: Block1Assembler,
@@ -647,8 +771,29 @@ struct Server<'a> {
 
 impl Server<'_> {
     async fn send(&self, bytes: &[u8], peer: SocketAddr) {
-        if let Err(e) = self.sock.send_to(bytes, peer).await {
-            tracing::debug!(%peer, error = %e, "CoAP send failed");
+        match &self.transport {
+            Transport::Plain(sock) => {
+                if let Err(e) = sock.send_to(bytes, peer).await {
+                    tracing::debug!(%peer, error = %e, "CoAP send failed");
+                }
+            }
+            Transport::Dtls {
+                sock,
+                sessions,
+                stats,
+            } => {
+                let out = {
+                    let Ok(mut t) = sessions.lock() else { return };
+                    if let Err(e) = t.write(peer, bytes) {
+                        if e == crate::coaps::DtlsError::TooLarge {
+                            stats.too_large.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::debug!(%peer, error = %e, "coaps answer not sent");
+                    }
+                    crate::coaps::drain(&mut t)
+                };
+                crate::coaps::send_all(sock, out).await;
+            }
         }
     }
 
@@ -667,8 +812,9 @@ impl Server<'_> {
         tracing::debug!(%peer, why, "malformed CoAP datagram");
     }
 
-    /// One datagram from `peer`.
-    async fn datagram(&mut self, bytes: &[u8], peer: SocketAddr) {
+    /// One datagram from `peer` (`device`: the one its DTLS session
+    /// authenticated).
+    async fn datagram(&mut self, bytes: &[u8], peer: SocketAddr, device: Option<DeviceName>) {
         match classify(bytes, peer) {
             Datagram::Malformed { why, reset } => {
                 self.malformed(&why, peer);
@@ -695,7 +841,10 @@ impl Server<'_> {
             // CoAP ping: RST.
             Datagram::Ping(mid) => self.send(&empty(MessageType::Reset, mid), peer).await,
             Datagram::Ignore => {}
-            Datagram::Request(req, bad_option) => self.request(*req, bad_option).await,
+            Datagram::Request(mut req, bad_option) => {
+                req.session_device = device;
+                self.request(*req, bad_option).await;
+            }
         }
     }
 
@@ -766,44 +915,86 @@ impl Server<'_> {
         self.ctx.stats.count(Protocol::Coap, r);
     }
 
-    /// Routes a request; `None` when the answer comes later (a commit).
-    async fn route(&mut self, req: &mut Request, now: Instant) -> Option<Answer> {
+    /// The device and resource path of a request on a DTLS session: the
+    /// session's device; `/api/v1/{resource}` or, with a token,
+    /// `/api/v1/{token}/{resource}` when the token is that device's.
+    fn session_path(
+        &self,
+        req: &Request,
+        device: DeviceName,
+    ) -> Result<(DeviceName, Vec<String>), Answer> {
+        let segs: Vec<&str> = req.path.iter().map(String::as_str).collect();
+        match segs.as_slice() {
+            ["api", "v1", first, ..] if RESOURCES.contains(first) => {
+                Ok((device, req.path[2..].to_vec()))
+            }
+            ["api", "v1", token, rest @ ..] if !rest.is_empty() => {
+                if self.ctx.registry.authenticate(token).as_ref() == Some(&device) {
+                    Ok((device, req.path[3..].to_vec()))
+                } else {
+                    self.count(IngestResult::Unauthorized);
+                    Err(Answer::text(
+                        ResponseType::Forbidden,
+                        "the token in the path is not the DTLS session's device",
+                    ))
+                }
+            }
+            _ => Err(Answer::text(ResponseType::NotFound, "no such resource")),
+        }
+    }
+
+    /// The device and resource path of a plain CoAP request: the token in
+    /// `/api/v1/{token}/…` names the device.
+    fn token_path(&self, req: &Request, now: Instant) -> Result<(DeviceName, Vec<String>), Answer> {
         let segs: Vec<&str> = req.path.iter().map(String::as_str).collect();
         let (token, rest) = match segs.as_slice() {
             ["api", "v1", token, rest @ ..] if !rest.is_empty() => {
                 ((*token).to_owned(), rest.to_vec())
             }
-            _ => return Some(Answer::text(ResponseType::NotFound, "no such resource")),
+            _ => return Err(Answer::text(ResponseType::NotFound, "no such resource")),
         };
         let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
         let ip = req.peer.ip();
         if !self.ctx.throttle.allowed(ip, now) {
             self.count(IngestResult::Unauthorized);
-            return Some(
-                Answer::text(
-                    ResponseType::TooManyRequests,
-                    "too many failed authentications from this address",
-                )
-                .with(
-                    CoapOption::MaxAge,
-                    uint(
-                        self.ctx
-                            .config
-                            .auth_fail_window
-                            .as_secs()
-                            .try_into()
-                            .unwrap_or(u32::MAX),
-                    ),
+            return Err(Answer::text(
+                ResponseType::TooManyRequests,
+                "too many failed authentications from this address",
+            )
+            .with(
+                CoapOption::MaxAge,
+                uint(
+                    self.ctx
+                        .config
+                        .auth_fail_window
+                        .as_secs()
+                        .try_into()
+                        .unwrap_or(u32::MAX),
                 ),
-            );
+            ));
         }
         let Some(device) = self.ctx.registry.authenticate(&token) else {
             self.count(IngestResult::Unauthorized);
             self.ctx.throttle.failed(ip, now);
-            return Some(Answer::text(
+            return Err(Answer::text(
                 ResponseType::Unauthorized,
                 "unknown or revoked access token",
             ));
+        };
+        Ok((device, rest))
+    }
+
+    /// Routes a request; `None` when the answer comes later (a commit).
+    async fn route(&mut self, req: &mut Request, now: Instant) -> Option<Answer> {
+        let (device, rest) = match req.session_device.clone() {
+            Some(device) => match self.session_path(req, device) {
+                Ok(x) => x,
+                Err(answer) => return Some(answer),
+            },
+            None => match self.token_path(req, now) {
+                Ok(x) => x,
+                Err(answer) => return Some(answer),
+            },
         };
         if let Some(wait) = self.rate_limited(&device, now) {
             self.ctx

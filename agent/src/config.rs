@@ -561,6 +561,102 @@ pub struct RawListeners {
     pub mqtts: Option<RawMqtts>,
     /// `[listeners.coap]`
     pub coap: Option<RawCoap>,
+    /// `[listeners.coaps]`
+    pub coaps: Option<RawCoaps>,
+}
+
+/// `[listeners.coaps]`: CoAP over DTLS 1.2 with per-device pre-shared
+/// keys; its CoAP limits are those of `[listeners.coap]` (or their
+/// defaults).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCoaps {
+    /// Address to bind (UDP).
+    pub bind: String,
+    /// Largest datagram we send (DTLS record included), bytes.
+    pub mtu: usize,
+    /// Sessions in all (each costs about 2.7 kB).
+    pub max_sessions: usize,
+    /// Handshakes in progress (cookie proven, not finished), in all.
+    pub max_handshakes: usize,
+    /// Handshakes in progress per source IP address.
+    pub max_handshakes_per_ip: usize,
+    /// A handshake must finish within this.
+    pub handshake_timeout: DurationValue,
+    /// A session silent this long is dropped (the device handshakes again).
+    pub idle_timeout: DurationValue,
+}
+
+impl Default for RawCoaps {
+    fn default() -> Self {
+        Self {
+            bind: "[::]:5684".into(),
+            mtu: 1200,
+            max_sessions: 10_000,
+            max_handshakes: 1000,
+            max_handshakes_per_ip: 64,
+            handshake_timeout: DurationValue::Text("10s".into()),
+            idle_timeout: DurationValue::Text("30m".into()),
+        }
+    }
+}
+
+/// The validated coaps listener.
+#[derive(Debug, Clone)]
+pub struct CoapsListenerConfig {
+    /// Address and CoAP limits (the limits are `[listeners.coap]`'s).
+    pub coap: CoapListenerConfig,
+    /// Session caps and timeouts.
+    pub limits: crate::coaps::sessions::Limits,
+    /// Largest datagram sent.
+    pub mtu: usize,
+}
+
+fn validate_coaps(
+    c: &RawCoaps,
+    coap: Option<&RawCoap>,
+) -> Result<CoapsListenerConfig, ConfigError> {
+    let bind: SocketAddr = c.bind.parse().map_err(|_| {
+        invalid(
+            "listeners.coaps.bind",
+            format!("{:?} is not an address like [::]:5684", c.bind),
+        )
+    })?;
+    let limits = validate_coap(coap.unwrap_or(&RawCoap::default()))?;
+    if !(256..=9000).contains(&c.mtu) {
+        return Err(invalid(
+            "listeners.coaps.mtu",
+            format!("{} is not between 256 and 9000 bytes", c.mtu),
+        ));
+    }
+    for (key, v) in [
+        ("listeners.coaps.max_sessions", c.max_sessions),
+        ("listeners.coaps.max_handshakes", c.max_handshakes),
+        (
+            "listeners.coaps.max_handshakes_per_ip",
+            c.max_handshakes_per_ip,
+        ),
+    ] {
+        if v == 0 {
+            return Err(invalid(key, "must be at least 1"));
+        }
+    }
+    let duration = |v: &DurationValue, key: &'static str| {
+        parse_duration(v)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| invalid(key, "is not a positive duration like \"10s\""))
+    };
+    Ok(CoapsListenerConfig {
+        coap: CoapListenerConfig { bind, ..limits },
+        limits: crate::coaps::sessions::Limits {
+            max_sessions: c.max_sessions,
+            max_handshakes: c.max_handshakes,
+            max_handshakes_per_ip: c.max_handshakes_per_ip,
+            handshake_timeout: duration(&c.handshake_timeout, "listeners.coaps.handshake_timeout")?,
+            idle_timeout: duration(&c.idle_timeout, "listeners.coaps.idle_timeout")?,
+        },
+        mtu: c.mtu,
+    })
 }
 
 /// `[listeners.coap]`
@@ -1089,6 +1185,8 @@ pub struct Config {
     pub mqtts: Option<MqttsListenerConfig>,
     /// CoAP listener, if on.
     pub coap: Option<CoapListenerConfig>,
+    /// The coaps listener, if on.
+    pub coaps: Option<CoapsListenerConfig>,
     /// Legacy MQTT topic mappings.
     pub mqtt_mappings: Vec<crate::mqtt::mapping::Mapping>,
     /// Fleet configuration, if on.
@@ -1338,6 +1436,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
         Some(c) => Some(validate_coap(c)?),
     };
+    let coaps = match &raw.listeners.coaps {
+        None => None,
+        Some(c) => Some(validate_coaps(c, raw.listeners.coap.as_ref())?),
+    };
     let mqtt_mappings = crate::mqtt::mapping::validate(&raw.mqtt.mappings)
         .map_err(|(key, problem)| ConfigError::Mapping { key, problem })?;
     let fleet = match &raw.fleet {
@@ -1504,6 +1606,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         mqtt,
         mqtts,
         coap,
+        coaps,
         mqtt_mappings,
         fleet,
         devices,

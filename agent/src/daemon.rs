@@ -156,10 +156,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
 
     let mqtt_sessions = Arc::new(Sessions::default());
     let coap_observers = Arc::new(crate::coap::Observers::default());
+    let coaps_observers = Arc::new(crate::coap::Observers::default());
     let http_polls = Arc::new(http::LongPolls::default());
     let channels: Vec<Arc<dyn crate::downlink::DeviceChannel>> = vec![
         mqtt_sessions.clone(),
         coap_observers.clone(),
+        coaps_observers.clone(),
         http_polls.clone(),
     ];
     let router = Arc::new(Router::new(
@@ -282,6 +284,52 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         ));
     }
 
+    let mut coaps_side = None;
+    if let Some(c) = &cfg.coaps {
+        let sock = tokio::net::UdpSocket::bind(c.coap.bind)
+            .await
+            .with_context(|| format!("listeners.coaps.bind {}", c.coap.bind))?;
+        let (sock, _) = crate::coap::enlarge_receive_buffer(sock)
+            .with_context(|| format!("listeners.coaps.bind {}", c.coap.bind))?;
+        let addr = sock.local_addr().context("listeners.coaps.bind")?;
+        listeners.insert("coaps", addr.to_string());
+        let throttle = Arc::new(crate::throttle::AuthThrottle::new(
+            c.coap.auth_fail_limit,
+            c.coap.auth_fail_window,
+        ));
+        let side = Arc::new(
+            crate::coaps::DtlsSide::new(
+                registry.clone(),
+                c.limits.clone(),
+                c.mtu,
+                throttle.clone(),
+            )
+            .context("listeners.coaps")?,
+        );
+        let ctx = Arc::new(crate::coap::CoapContext {
+            registry: registry.clone(),
+            outbox: outbox.clone(),
+            pipeline: pipeline.clone(),
+            stats: stats.clone(),
+            clock: clock.clone(),
+            router: router.clone(),
+            observers: coaps_observers.clone(),
+            throttle,
+            config: c.coap.clone(),
+            counters: coap_counters.clone(),
+        });
+        listener_tasks.push(spawn(
+            "coaps listener",
+            Box::pin(crate::coap::serve_dtls(
+                sock,
+                ctx,
+                side.clone(),
+                listeners_cancel.clone(),
+            )),
+        ));
+        coaps_side = Some(side);
+    }
+
     let mut uplink_task = None;
     match (&cfg.cloud, &uplink_status) {
         (None, _) | (_, None) => {
@@ -367,6 +415,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Exit> {
         pipeline: pipeline.clone(),
         coap: coap_counters,
         coap_observers,
+        coaps: coaps_side,
         registry: registry.clone(),
         stats: stats.clone(),
         mqtt_sessions,

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod campaign;
 pub mod cli;
 pub mod coap;
+pub mod coaps;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

@@ -12,7 +12,7 @@
 //! configuration (streams, rules); never a device. `docs/operations.md`
 //! lists every family.
 
-mod process;
+pub(crate) mod process;
 
 use crate::admin::AdminContext;
 use crate::stats::{PROTOCOL_ERROR_LABELS, PROTOCOLS_LABELS, RESULT_LABELS};
@@ -328,6 +328,35 @@ pub async fn render(ctx: &AdminContext) -> Result<String, sluice_cloud_sync::Out
     if let Some(m) = coap.as_object() {
         for (kind, n) in m {
             let _ = writeln!(o, "sluice_coap_messages_total{{kind=\"{kind}\"}} {n}");
+        }
+    }
+    if let Some(c) = &ctx.coaps {
+        let v = serde_json::to_value(&*c.stats).unwrap_or_default();
+        head(
+            &mut o,
+            "sluice_coaps_sessions",
+            "gauge",
+            "coaps (DTLS) sessions now, by state.",
+        );
+        for state in ["half_open", "established"] {
+            let n = v
+                .get(state)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            let _ = writeln!(o, "sluice_coaps_sessions{{state=\"{state}\"}} {n}");
+        }
+        head(
+            &mut o,
+            "sluice_coaps_events_total",
+            "counter",
+            "coaps (DTLS) session-layer events by kind.",
+        );
+        if let Some(m) = v.as_object() {
+            for (kind, n) in m {
+                if kind != "half_open" && kind != "established" {
+                    let _ = writeln!(o, "sluice_coaps_events_total{{kind=\"{kind}\"}} {n}");
+                }
+            }
         }
     }
     head(

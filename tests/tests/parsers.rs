@@ -98,11 +98,12 @@ fn target(name: &str, data: &[u8]) {
             assert!(sluice_agent::fleet::open(data, &[key]).is_err());
             assert!(sluice_agent::fleet::verify(data, &[key]).is_err());
         }
+        "dtls" => sluice_agent::coaps::fuzz_dtls(data),
         other => panic!("no target {other}"),
     }
 }
 
-const TARGETS: [&str; 9] = [
+const TARGETS: [&str; 10] = [
     "mqtt_session",
     "coap_datagram",
     "tbjson",
@@ -112,6 +113,7 @@ const TARGETS: [&str; 9] = [
     "record",
     "downlink",
     "envelope",
+    "dtls",
 ];
 
 fn seeds(name: &str) -> Vec<Vec<u8>> {
@@ -178,6 +180,7 @@ fn every_committed_seed_is_handled() {
     // The directories the fuzz targets read exist for the ones with seeds.
     assert!(seeds("mqtt_session").len() >= 10);
     assert!(seeds("coap_datagram").len() >= 8);
+    assert!(seeds("dtls").len() >= 8);
 }
 
 /// A seed of `name` with `edits` applied: (position, kind, byte).
