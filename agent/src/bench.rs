@@ -1,8 +1,9 @@
 //! `sluice bench`: the built-in load generator. It loads a *running* gateway
 //! and reports throughput and acknowledgement latency.
 //!
-//! `--protocol http`, `mqtt` and `coap` are built. Before any load the
-//! generator connects once to the target (CoAP: one ping), so a wrong
+//! `--protocol http`, `mqtt`, `coap` and `coaps` are built. Before any load the
+//! generator connects once to the target (CoAP: one ping; coaps: one
+//! ClientHello, answered by a HelloVerifyRequest), so a wrong
 //! `--url` is a clear error rather than a report full of failures.
 //! Without `--tokens` it registers the devices `bench-0` … `bench-{N-1}` in the
 //! config's `state.db` (rotating the token of those that already exist) and
@@ -43,8 +44,21 @@
 //! `--protocol coap` sends confirmable POSTs to `coap://HOST:PORT`,
 //! `--concurrency` of them in flight, each from its own UDP socket, and
 //! retransmits unanswered ones with the same message id; see [`coap`].
+//!
+//! `--protocol coaps` sends the same POSTs to `coaps://HOST:PORT` inside
+//! DTLS 1.2 sessions: it gives each bench device a fresh pre-shared key
+//! (identity `bench-i`) before the reload, and each slot handshakes as
+//! device `slot % N` first. With `--handshakes` every message is a full
+//! handshake from a new port instead; see [`coaps`]. `--tokens` does not
+//! apply (the devices authenticate by key, not token).
+//!
+//! When the daemon of the configuration's admin socket says its `pid` in
+//! `status`, the report adds the CPU time it spent during the load
+//! (`/proc/PID/stat`, so only for a gateway on this machine) and that time
+//! per acknowledged message (per handshake with `--handshakes`).
 
 mod coap;
+mod coaps;
 mod mqtt;
 
 use crate::admin::{self, AdminError};
@@ -93,6 +107,9 @@ pub enum BenchProtocol {
     /// CoAP over UDP: confirmable POSTs, one UDP socket per request in
     /// flight.
     Coap,
+    /// CoAP over DTLS 1.2 with per-device pre-shared keys: one session per
+    /// request in flight.
+    Coaps,
 }
 
 impl BenchProtocol {
@@ -101,6 +118,15 @@ impl BenchProtocol {
             Self::Http => "http",
             Self::Mqtt => "mqtt",
             Self::Coap => "coap",
+            Self::Coaps => "coaps",
+        }
+    }
+
+    /// What one acknowledged message is called in the CPU line.
+    fn request_noun(self) -> &'static str {
+        match self {
+            Self::Mqtt => "message",
+            Self::Http | Self::Coap | Self::Coaps => "request",
         }
     }
 }
@@ -119,22 +145,30 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=MAX_MESSAGES))]
     pub messages: u64,
     /// Connections in flight at once (http), requests in flight at once
-    /// (coap: one UDP socket each); mqtt opens one connection per device.
+    /// (coap: one UDP socket each; coaps: one DTLS session each), or
+    /// handshakes at once (coaps --handshakes); mqtt opens one connection
+    /// per device.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_CONCURRENCY))]
     pub concurrency: u64,
     /// Approximate size of each JSON body in bytes.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_PAYLOAD_BYTES))]
     pub payload_bytes: u64,
-    /// Gateway to load, like http://127.0.0.1:8080, mqtt://127.0.0.1:1883 or
-    /// coap://127.0.0.1:5683 [default: listeners.http.bind,
-    /// listeners.mqtt.bind or listeners.coap.bind of the configuration,
-    /// 0.0.0.0 read as 127.0.0.1].
+    /// Gateway to load, like http://127.0.0.1:8080, mqtt://127.0.0.1:1883,
+    /// coap://127.0.0.1:5683 or coaps://127.0.0.1:5684 [default:
+    /// listeners.http.bind, listeners.mqtt.bind, listeners.coap.bind or
+    /// listeners.coaps.bind of the configuration, 0.0.0.0 read as
+    /// 127.0.0.1].
     #[arg(long)]
     pub url: Option<String>,
     /// File of device access tokens, one a line ('#' starts a comment line);
-    /// without it the bench registers devices bench-0..N-1 itself.
+    /// without it the bench registers devices bench-0..N-1 itself (not for
+    /// coaps, whose devices need keys the bench registers).
     #[arg(long)]
     pub tokens: Option<PathBuf>,
+    /// Measure DTLS handshakes instead of POSTs (coaps only): each message
+    /// is a full handshake from a new UDP port, then close_notify.
+    #[arg(long)]
+    pub handshakes: bool,
     /// MQTT QoS of the PUBLISHes (mqtt only).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,
@@ -159,6 +193,14 @@ pub enum BenchError {
     /// The protocol's load generator does not exist yet.
     #[error("sluice bench --protocol {0} is not built yet (only http and mqtt are)")]
     NotBuilt(&'static str),
+    /// `--tokens` with `--protocol coaps`.
+    #[error(
+        "--tokens does not apply to --protocol coaps: its devices authenticate with pre-shared keys, which the bench registers itself (bench-0..N-1); leave --tokens out"
+    )]
+    TokensWithCoaps,
+    /// `--handshakes` with a protocol other than coaps.
+    #[error("--handshakes measures DTLS handshakes: it needs --protocol coaps, not {0}")]
+    HandshakesWithout(&'static str),
     /// An argument is out of range (clap checks these too; this is for callers
     /// that build [`BenchArgs`] themselves).
     #[error("--{flag} {value} is out of range (1..={max})")]
@@ -187,6 +229,10 @@ pub enum BenchError {
     /// No `--url`, and the configuration has no CoAP listener to default to.
     #[error("no --url given and the configuration has no [listeners.coap]")]
     NoCoapListener,
+    /// No `--url`, and the configuration has no coaps listener to default
+    /// to.
+    #[error("no --url given and the configuration has no [listeners.coaps]")]
+    NoCoapsListener,
     /// No `--url`, and the configured listener binds an ephemeral port.
     #[error(
         "no --url given and {key} is {addr} (port 0); pass --url with the port `sluice status` shows"
@@ -270,11 +316,14 @@ impl BenchError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::NotBuilt(_)
+            | Self::TokensWithCoaps
+            | Self::HandshakesWithout(_)
             | Self::OutOfRange { .. }
             | Self::BadUrl { .. }
             | Self::NoHttpListener
             | Self::NoMqttListener
             | Self::NoCoapListener
+            | Self::NoCoapsListener
             | Self::EphemeralPort { .. }
             | Self::TokenFile { .. }
             | Self::BadToken { .. }
@@ -320,14 +369,20 @@ pub struct BenchReport {
     /// Size of each request body (the smallest body the generator writes is
     /// larger than a tiny `--payload-bytes`).
     pub payload_bytes: u64,
+    /// Each message was a DTLS handshake (coaps `--handshakes`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub handshakes: bool,
     /// Messages attempted.
     pub messages: u64,
     /// Messages answered 200 (http), acknowledged by PUBACK (mqtt QoS 1),
-    /// or written before a PINGRESP (mqtt QoS 0).
+    /// written before a PINGRESP (mqtt QoS 0), answered 2.04 (coap,
+    /// coaps), or handshakes completed (coaps `--handshakes`).
     pub ok: u64,
-    /// Failed messages by cause: an HTTP status (`"503"`), or `connect`,
-    /// `io`, `closed` (peer closed mid-exchange), `timeout`, `bad_response`,
-    /// `refused` (MQTT CONNACK refused).
+    /// Failed messages by cause: an HTTP status (`"503"`), a CoAP code
+    /// (`"4.01"`), or `connect`, `io`, `closed` (peer closed mid-exchange),
+    /// `timeout`, `bad_response`, `refused` (MQTT CONNACK refused, or ICMP
+    /// port unreachable), `reset` (CoAP RST), `handshake_failed` (a DTLS
+    /// alert), `handshake_timeout`.
     pub errors: BTreeMap<String, u64>,
     /// What the first failure other than an HTTP status was, if any
     /// (`"connect: Connection refused (os error 111)"`).
@@ -339,6 +394,15 @@ pub struct BenchReport {
     pub msgs_per_s: f64,
     /// Latency of the messages answered 200; `None` when there were none.
     pub latency_ms: Option<LatencyMs>,
+    /// CPU seconds (user + system) the gateway process spent during the
+    /// load, when its pid was known (`sluice status` on the configuration's
+    /// admin socket) and `/proc/PID/stat` readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_cpu_s: Option<f64>,
+    /// `gateway_cpu_s` per acknowledged message (per handshake with
+    /// `--handshakes`), microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_per_msg_us: Option<f64>,
 }
 
 impl BenchReport {
@@ -355,23 +419,33 @@ impl BenchReport {
         let mode = match (self.qos, self.inflight) {
             (Some(qos), Some(inflight)) => format!(" (QoS {qos}, {inflight} in flight)"),
             (Some(qos), None) => format!(" (QoS {qos})"),
+            _ if self.handshakes => " handshakes".to_owned(),
             _ => String::new(),
+        };
+        let payloads = if self.handshakes {
+            String::new()
+        } else {
+            format!(", {}-byte payloads", self.payload_bytes)
         };
         writeln!(
             out,
-            "sluice bench: {}{mode} to {}, {} devices, {} connections, {}-byte payloads",
+            "sluice bench: {}{mode} to {}, {} devices, {} connections{payloads}",
             self.protocol.name(),
             self.url,
             self.devices,
             self.concurrency,
-            self.payload_bytes
         )?;
+        let (what, per_s, noun) = if self.handshakes {
+            ("handshakes", "handshakes/s", "handshake")
+        } else {
+            ("messages ", "msgs/s", self.protocol.request_noun())
+        };
+        writeln!(out, "{what} {} in {:.2} s", self.messages, self.elapsed_s)?;
         writeln!(
             out,
-            "messages  {} in {:.2} s",
-            self.messages, self.elapsed_s
+            "ok        {} ({:.0} {per_s})",
+            self.ok, self.msgs_per_s
         )?;
-        writeln!(out, "ok        {} ({:.0} msgs/s)", self.ok, self.msgs_per_s)?;
         if self.errors.is_empty() {
             writeln!(out, "errors    none")?;
         } else {
@@ -392,7 +466,17 @@ impl BenchReport {
                 l.p50, l.p99, l.max
             ),
             None => writeln!(out, "latency   - (no message was acknowledged)"),
+        }?;
+        if let Some(cpu_s) = self.gateway_cpu_s {
+            match self.cpu_per_msg_us {
+                Some(us) => writeln!(
+                    out,
+                    "cpu per {noun} {us:.1} µs (the gateway used {cpu_s:.2} s of CPU)"
+                ),
+                None => writeln!(out, "cpu       the gateway used {cpu_s:.2} s of CPU"),
+            }?;
         }
+        Ok(())
     }
 }
 
@@ -404,7 +488,14 @@ impl BenchReport {
 /// or when the target does not accept a first connection. Failed messages
 /// after that are counted in the report, not returned as an error.
 pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
-    if args.protocol == BenchProtocol::Coap {
+    let coaps = args.protocol == BenchProtocol::Coaps;
+    if args.handshakes && !coaps {
+        return Err(BenchError::HandshakesWithout(args.protocol.name()));
+    }
+    if coaps && args.tokens.is_some() {
+        return Err(BenchError::TokensWithCoaps);
+    }
+    if matches!(args.protocol, BenchProtocol::Coap | BenchProtocol::Coaps) {
         check_range("payload-bytes", args.payload_bytes, coap::MAX_PAYLOAD_BYTES)?;
     }
     check_range("messages", args.messages, MAX_MESSAGES)?;
@@ -426,10 +517,12 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         url: url.clone(),
         problem,
     })?;
-    let reachable = if args.protocol == BenchProtocol::Coap {
-        coap::ping(addr)
-    } else {
-        std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map(drop)
+    let reachable = match args.protocol {
+        BenchProtocol::Coap => coap::ping(addr),
+        BenchProtocol::Coaps => coaps::ping(addr),
+        BenchProtocol::Http | BenchProtocol::Mqtt => {
+            std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map(drop)
+        }
     };
     reachable.map_err(|source| BenchError::Connect {
         url: url.clone(),
@@ -438,8 +531,8 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
     })?;
 
     let mqtt_no_auth = args.protocol == BenchProtocol::Mqtt && args.no_auth;
-    let tokens = match &args.tokens {
-        _ if mqtt_no_auth => Vec::new(),
+    let Credentials { tokens, psks } = match &args.tokens {
+        _ if mqtt_no_auth => Credentials::default(),
         Some(path) => {
             let mut tokens = read_tokens(path)?;
             if let Some(wanted) = args.devices {
@@ -452,9 +545,12 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
                 }
                 tokens.truncate(usize::try_from(wanted).unwrap_or(usize::MAX));
             }
-            tokens
+            Credentials {
+                tokens,
+                psks: Vec::new(),
+            }
         }
-        None => register_devices(cfg, args.devices.unwrap_or(10))?,
+        None => register_devices(cfg, args.devices.unwrap_or(10), coaps)?,
     };
 
     let payload_bytes = usize::try_from(args.payload_bytes).unwrap_or(usize::MAX);
@@ -462,6 +558,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         .enable_all()
         .build()
         .map_err(BenchError::Runtime)?;
+    // mosquitto's load would be measured against sluice's CPU otherwise.
+    let gateway = if mqtt_no_auth { None } else { gateway_pid(cfg) };
+    let cpu_before = gateway.and_then(crate::metrics::process::cpu_seconds);
     let (tally, elapsed, devices, connections) = if args.protocol == BenchProtocol::Mqtt {
         let usernames: Vec<Option<String>> = if mqtt_no_auth {
             let n = usize::try_from(args.devices.unwrap_or(10)).unwrap_or(usize::MAX);
@@ -492,6 +591,13 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         let slots = args.concurrency.min(args.messages);
         let (tally, elapsed) = rt.block_on(coap::load(Arc::new(plan), slots))?;
         (tally, elapsed, devices, slots)
+    } else if coaps {
+        let plan = coaps::CoapsPlan::new(addr, psks, args.messages, payload_bytes, args.handshakes)
+            .map_err(BenchError::Task)?;
+        let slots = args.concurrency.min(args.messages);
+        let devices = (plan.devices.len() as u64).min(slots);
+        let (tally, elapsed) = rt.block_on(coaps::load(Arc::new(plan), slots))?;
+        (tally, elapsed, devices, slots)
     } else {
         let plan = Arc::new(Plan {
             addr,
@@ -504,6 +610,11 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         let connections = args.concurrency.min(args.messages);
         let (tally, elapsed) = rt.block_on(load(plan.clone(), connections))?;
         (tally, elapsed, plan.tokens.len() as u64, connections)
+    };
+    let cpu_after = gateway.and_then(crate::metrics::process::cpu_seconds);
+    let gateway_cpu_s = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) => Some((after - before).max(0.0)),
+        _ => None,
     };
 
     let mut samples = tally.samples_us;
@@ -530,6 +641,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
         qos: (args.protocol == BenchProtocol::Mqtt).then_some(args.qos),
         inflight: (args.protocol == BenchProtocol::Mqtt && args.qos > 0).then_some(args.inflight),
         payload_bytes: write_body(&mut Vec::new(), 0, payload_bytes) as u64,
+        handshakes: args.handshakes,
         messages: tally.sent,
         ok: tally.ok,
         errors: tally.errors,
@@ -541,7 +653,21 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<BenchReport, BenchError> {
             0.0
         },
         latency_ms,
+        gateway_cpu_s,
+        cpu_per_msg_us: gateway_cpu_s
+            .filter(|_| tally.ok > 0)
+            .map(|s| s * 1e6 / tally.ok as f64),
     })
+}
+
+/// The pid the daemon of `cfg`'s admin socket gives in `status`, if one
+/// answers.
+fn gateway_pid(cfg: &Config) -> Option<u32> {
+    let status = admin::request(&cfg.admin_socket, "status").ok()?;
+    status
+        .get("pid")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|p| u32::try_from(p).ok())
 }
 
 fn check_range(flag: &'static str, value: u64, max: u64) -> Result<(), BenchError> {
@@ -552,8 +678,9 @@ fn check_range(flag: &'static str, value: u64, max: u64) -> Result<(), BenchErro
     }
 }
 
-/// `http://` + the configured HTTP listener (or `mqtt://` + the MQTT one),
-/// an unspecified address read as loopback.
+/// `http://` + the configured HTTP listener (`mqtt://`, `coap://`,
+/// `coaps://` + the MQTT, CoAP, coaps one), an unspecified address read as
+/// loopback.
 fn default_url(cfg: &Config, protocol: BenchProtocol) -> Result<String, BenchError> {
     let (mut addr, key) = match protocol {
         BenchProtocol::Mqtt => (
@@ -564,7 +691,15 @@ fn default_url(cfg: &Config, protocol: BenchProtocol) -> Result<String, BenchErr
             cfg.coap.as_ref().ok_or(BenchError::NoCoapListener)?.bind,
             "listeners.coap.bind",
         ),
-        _ => (
+        BenchProtocol::Coaps => (
+            cfg.coaps
+                .as_ref()
+                .ok_or(BenchError::NoCoapsListener)?
+                .coap
+                .bind,
+            "listeners.coaps.bind",
+        ),
+        BenchProtocol::Http => (
             cfg.http.as_ref().ok_or(BenchError::NoHttpListener)?.bind,
             "listeners.http.bind",
         ),
@@ -591,13 +726,14 @@ struct Target {
 }
 
 impl Target {
-    /// Parses `http://host[:port][/]` (`mqtt://` for `--protocol mqtt`);
-    /// the error says what is wrong.
+    /// Parses `http://host[:port][/]` (`mqtt://`, `coap://`, `coaps://`
+    /// for those protocols); the error says what is wrong.
     fn parse(url: &str, protocol: BenchProtocol) -> Result<Self, String> {
         let (want, default_port) = match protocol {
             BenchProtocol::Mqtt => ("mqtt", 1883),
             BenchProtocol::Coap => ("coap", 5683),
-            _ => ("http", 80),
+            BenchProtocol::Coaps => ("coaps", 5684),
+            BenchProtocol::Http => ("http", 80),
         };
         let rest = match url.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case(want) => rest,
@@ -691,9 +827,19 @@ fn read_tokens(path: &Path) -> Result<Vec<String>, BenchError> {
     Ok(tokens)
 }
 
-/// Registers `bench-0..n-1` (rotating the token of those that exist) and
-/// tells the running daemon; returns their tokens.
-fn register_devices(cfg: &Config, n: u64) -> Result<Vec<String>, BenchError> {
+/// What the load authenticates with.
+#[derive(Default)]
+struct Credentials {
+    /// Access tokens, one per device.
+    tokens: Vec<String>,
+    /// PSK identity and key of each device (coaps).
+    psks: Vec<(String, Vec<u8>)>,
+}
+
+/// Registers `bench-0..n-1` (rotating the token of those that exist),
+/// with `psk` gives each a fresh pre-shared key under its own name as the
+/// identity, and tells the running daemon; returns their credentials.
+fn register_devices(cfg: &Config, n: u64, psk: bool) -> Result<Credentials, BenchError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| BenchError::StateDir {
         path: cfg.state_dir.clone(),
         source,
@@ -702,21 +848,27 @@ fn register_devices(cfg: &Config, n: u64) -> Result<Vec<String>, BenchError> {
         device: "bench-0".into(),
         source,
     })?;
-    let mut tokens = Vec::new();
+    let mut creds = Credentials::default();
     for i in 0..n {
         let device = format!("bench-{i}");
+        let failed = |source| BenchError::Register {
+            device: device.clone(),
+            source,
+        };
         let token = match db.add(&device, BENCH_DEVICE_TYPE, None) {
             Err(RegistryError::Exists(_)) => db.rotate_token(&device),
             other => other,
         }
-        .map_err(|source| BenchError::Register {
-            device: device.clone(),
-            source,
-        })?;
-        tokens.push(token);
+        .map_err(failed)?;
+        creds.tokens.push(token);
+        if psk {
+            let key = registry::generate_psk().map_err(failed)?;
+            db.set_psk(&device, Some(&device), &key).map_err(failed)?;
+            creds.psks.push((device.clone(), key));
+        }
     }
     admin::request(&cfg.admin_socket, "reload_devices").map_err(BenchError::Reload)?;
-    Ok(tokens)
+    Ok(creds)
 }
 
 /// What every connection task shares.
@@ -769,13 +921,27 @@ impl Tally {
 
 /// Runs `connections` connection tasks until every message is sent.
 async fn load(plan: Arc<Plan>, connections: u64) -> Result<(Tally, Duration), BenchError> {
+    let messages = plan.messages;
+    run_slots(connections, messages, |_| connection(plan.clone())).await
+}
+
+/// Runs the tasks `slot(0)` … `slot(n - 1)` (which share `messages`
+/// between them) to their end; returns what they counted together and the
+/// wall time.
+///
+/// Fails when a task panicked.
+async fn run_slots<F, T>(n: u64, messages: u64, slot: F) -> Result<(Tally, Duration), BenchError>
+where
+    F: Fn(u64) -> T,
+    T: std::future::Future<Output = Tally> + Send + 'static,
+{
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..connections {
-        tasks.spawn(connection(plan.clone()));
+    for s in 0..n {
+        tasks.spawn(slot(s));
     }
     let mut total = Tally {
-        samples_us: Vec::with_capacity(usize::try_from(plan.messages).unwrap_or(0)),
+        samples_us: Vec::with_capacity(usize::try_from(messages).unwrap_or(0)),
         ..Tally::default()
     };
     while let Some(done) = tasks.join_next().await {
@@ -1158,7 +1324,7 @@ pub fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RawConfig, RawHttp};
+    use crate::config::{RawCoaps, RawConfig, RawHttp};
     use std::io::{BufRead, BufReader, Read, Write};
 
     fn head(s: &str) -> Result<Option<ResponseHead>, ResponseError> {
@@ -1355,6 +1521,18 @@ mod tests {
         let t = Target::parse("coap://127.0.0.1", BenchProtocol::Coap).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 5683));
         assert!(Target::parse("coaps://gw:5684", BenchProtocol::Coap).is_err());
+        let t = Target::parse("coaps://127.0.0.1", BenchProtocol::Coaps).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 5684));
+        let t = Target::parse("COAPS://[::1]:15684/", BenchProtocol::Coaps).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 15684));
+        for bad in [
+            "coap://gw:5683",
+            "coaps://gw/api",
+            "gw:5684",
+            "coaps://gw:0",
+        ] {
+            assert!(Target::parse(bad, BenchProtocol::Coaps).is_err(), "{bad}");
+        }
         let t = Target::parse("mqtt://127.0.0.1", BenchProtocol::Mqtt).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 1883));
         let t = Target::parse("MQTT://gw:18830/", BenchProtocol::Mqtt).unwrap();
@@ -1365,6 +1543,10 @@ mod tests {
     }
 
     fn test_config(dir: &Path, http: Option<&str>) -> Config {
+        test_config_with(dir, http, None)
+    }
+
+    fn test_config_with(dir: &Path, http: Option<&str>, coaps: Option<&str>) -> Config {
         let mut raw = RawConfig::default();
         raw.gateway.id = Some("gw-test".into());
         raw.gateway.state_dir = dir.join("state");
@@ -1372,6 +1554,10 @@ mod tests {
         raw.listeners.http = http.map(|bind| RawHttp {
             bind: bind.into(),
             ..RawHttp::default()
+        });
+        raw.listeners.coaps = coaps.map(|bind| RawCoaps {
+            bind: bind.into(),
+            ..RawCoaps::default()
         });
         crate::config::validate(raw).unwrap()
     }
@@ -1385,6 +1571,7 @@ mod tests {
             payload_bytes: 100,
             url,
             tokens,
+            handshakes: false,
             qos: 1,
             inflight: 100,
             topic: "v1/devices/me/telemetry".into(),
@@ -1487,6 +1674,7 @@ mod tests {
             qos: None,
             inflight: None,
             payload_bytes: 100,
+            handshakes: false,
             messages: 10,
             ok: 7,
             errors: BTreeMap::from([("503".to_owned(), 2), ("io".to_owned(), 1)]),
@@ -1498,11 +1686,15 @@ mod tests {
                 p99: 1.25,
                 max: 3.0,
             }),
+            gateway_cpu_s: None,
+            cpu_per_msg_us: None,
         };
         let mut out = Vec::new();
         report.write_human(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("messages  10 in 0.50 s"), "{text}");
         assert!(text.contains("ok        7 (14 msgs/s)"), "{text}");
+        assert!(!text.contains("cpu"), "{text}");
         assert!(text.contains("errors    503=2 io=1"), "{text}");
         assert!(text.contains("first     i/o: reset"), "{text}");
         assert!(
@@ -1514,6 +1706,138 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert!(json.get("first_failure").is_none());
         assert!(json["latency_ms"].is_null());
+        assert!(json.get("handshakes").is_none());
+        assert!(json.get("gateway_cpu_s").is_none());
+    }
+
+    #[test]
+    fn human_report_of_coaps_says_handshakes_and_cpu() {
+        let mut report = BenchReport {
+            protocol: BenchProtocol::Coaps,
+            url: "coaps://127.0.0.1:5684".into(),
+            devices: 4,
+            concurrency: 16,
+            qos: None,
+            inflight: None,
+            payload_bytes: 100,
+            handshakes: true,
+            messages: 200,
+            ok: 200,
+            errors: BTreeMap::new(),
+            first_failure: None,
+            elapsed_s: 0.25,
+            msgs_per_s: 800.0,
+            latency_ms: None,
+            gateway_cpu_s: Some(0.12),
+            cpu_per_msg_us: Some(600.0),
+        };
+        let mut out = Vec::new();
+        report.write_human(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(
+                "sluice bench: coaps handshakes to coaps://127.0.0.1:5684, 4 devices, 16 connections\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("handshakes 200 in 0.25 s"), "{text}");
+        assert!(text.contains("ok        200 (800 handshakes/s)"), "{text}");
+        assert!(
+            text.contains("cpu per handshake 600.0 µs (the gateway used 0.12 s of CPU)"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["handshakes"], true);
+        assert_eq!(json["cpu_per_msg_us"], 600.0);
+
+        report.handshakes = false;
+        report.cpu_per_msg_us = Some(25.0);
+        let mut out = Vec::new();
+        report.write_human(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("16 connections, 100-byte payloads"), "{text}");
+        assert!(text.contains("cpu per request 25.0 µs"), "{text}");
+    }
+
+    #[test]
+    fn coaps_arguments_are_checked_before_any_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = test_config(dir.path(), None);
+        let mut http = args(Some("http://127.0.0.1:1".into()), None);
+        http.handshakes = true;
+        let e = run(&cfg, &http).unwrap_err();
+        assert!(matches!(e, BenchError::HandshakesWithout("http")), "{e}");
+        assert!(e.to_string().contains("--protocol coaps"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+
+        let mut coaps = args(None, Some(dir.path().join("tokens")));
+        coaps.protocol = BenchProtocol::Coaps;
+        let e = run(&cfg, &coaps).unwrap_err();
+        assert!(matches!(e, BenchError::TokensWithCoaps), "{e}");
+        assert!(e.to_string().contains("--tokens"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+
+        coaps.tokens = None;
+        assert!(matches!(
+            run(&cfg, &coaps),
+            Err(BenchError::NoCoapsListener)
+        ));
+        coaps.handshakes = true;
+        assert!(matches!(
+            run(&cfg, &coaps),
+            Err(BenchError::NoCoapsListener)
+        ));
+        coaps.url = Some("coap://127.0.0.1:5683".into());
+        assert!(matches!(run(&cfg, &coaps), Err(BenchError::BadUrl { .. })));
+        coaps.url = Some("coaps://127.0.0.1:1".into());
+        coaps.payload_bytes = 2000;
+        assert!(matches!(
+            run(&cfg, &coaps),
+            Err(BenchError::OutOfRange { .. })
+        ));
+
+        let with = test_config_with(dir.path(), None, Some("0.0.0.0:15684"));
+        assert_eq!(
+            default_url(&with, BenchProtocol::Coaps).unwrap(),
+            "coaps://127.0.0.1:15684"
+        );
+        let ephemeral = test_config_with(dir.path(), None, Some("127.0.0.1:0"));
+        assert!(matches!(
+            default_url(&ephemeral, BenchProtocol::Coaps),
+            Err(BenchError::EphemeralPort {
+                key: "listeners.coaps.bind",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn coaps_registration_gives_each_bench_device_a_key_named_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = test_config(dir.path(), None);
+        for _ in 0..2 {
+            // Registered (keys replaced the second time), then no daemon to
+            // reload.
+            let e = register_devices(&cfg, 3, true).err().unwrap();
+            assert!(
+                matches!(e, BenchError::Reload(AdminError::NotRunning { .. })),
+                "{e}"
+            );
+        }
+        let devices = RegistryDb::open(&cfg.state_db_path())
+            .unwrap()
+            .list()
+            .unwrap();
+        let identities: Vec<(String, Option<String>)> = devices
+            .into_iter()
+            .map(|d| (d.name, d.psk_identity))
+            .collect();
+        assert_eq!(
+            identities,
+            (0..3)
+                .map(|i| (format!("bench-{i}"), Some(format!("bench-{i}"))))
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //! empty payload); each message patches the message id and token into the
 //! template and appends the payload. [`request_template`],
 //! [`write_request`] and the exchange state machine ([`Exchange`]) are
-//! plain code without I/O, tested on their own.
+//! plain code without I/O, tested on their own; [`exchange`] drives one
+//! request over any [`Datagrams`], so `--protocol coaps` ([`super::coaps`])
+//! runs the same exchanges through a DTLS session.
 
 use super::{CONNECT_TIMEOUT, REQUEST_TIMEOUT, Tally, write_body};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
@@ -42,7 +44,7 @@ const MAX_RETRANSMIT: u32 = 4;
 /// Token length: the slot's request counter, big-endian.
 const TOKEN_LEN: usize = 4;
 /// Largest answer read (the gateway answers a POST with a few bytes).
-const MAX_ANSWER: usize = 2048;
+pub(super) const MAX_ANSWER: usize = 2048;
 /// Content-Format application/json.
 const CF_JSON: u8 = 50;
 
@@ -69,7 +71,7 @@ impl CoapPlan {
     ) -> Result<Self, String> {
         let templates = tokens
             .iter()
-            .map(|t| request_template(t))
+            .map(|t| request_template(Some(t)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             addr,
@@ -81,17 +83,19 @@ impl CoapPlan {
     }
 }
 
-/// The CON POST of telemetry for the device of `token`, with message id 0,
-/// a zero token of [`TOKEN_LEN`] bytes and no payload.
+/// The CON POST of telemetry with message id 0, a zero token of
+/// [`TOKEN_LEN`] bytes and no payload: to `/api/v1/{token}/telemetry` for
+/// the device of an access token, or to `/api/v1/telemetry` without one
+/// (over coaps, where the DTLS session names the device).
 ///
 /// Fails when coap-lite cannot encode it (a token too long for an option).
-pub fn request_template(token: &str) -> Result<Vec<u8>, String> {
+pub fn request_template(token: Option<&str>) -> Result<Vec<u8>, String> {
     let mut p = Packet::new();
     p.header.set_version(1);
     p.header.set_type(MessageType::Confirmable);
     p.header.code = MessageClass::Request(RequestType::Post);
     p.set_token(vec![0; TOKEN_LEN]);
-    for seg in ["api", "v1", token, "telemetry"] {
+    for seg in ["api", "v1"].into_iter().chain(token).chain(["telemetry"]) {
         p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
     }
     p.add_option(CoapOption::ContentFormat, vec![CF_JSON]);
@@ -147,7 +151,8 @@ pub(super) fn ping(addr: SocketAddr) -> std::io::Result<()> {
     }
 }
 
-fn unspecified(peer: SocketAddr) -> SocketAddr {
+/// The unspecified address of `peer`'s family, port 0: what a slot binds.
+pub(super) fn unspecified(peer: SocketAddr) -> SocketAddr {
     let ip = match peer.ip() {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -155,7 +160,8 @@ fn unspecified(peer: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
-fn first_mid() -> u16 {
+/// A random first message id.
+pub(super) fn first_mid() -> u16 {
     let mut b = [0u8; 2];
     // A fixed start is still correct, only less like a device.
     let _ = getrandom::fill(&mut b);
@@ -167,30 +173,18 @@ pub(super) async fn load(
     plan: Arc<CoapPlan>,
     slots: u64,
 ) -> Result<(Tally, Duration), super::BenchError> {
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for s in 0..slots {
-        tasks.spawn(slot(plan.clone(), s));
-    }
-    let mut total = Tally {
-        samples_us: Vec::with_capacity(usize::try_from(plan.messages).unwrap_or(0)),
-        ..Tally::default()
-    };
-    while let Some(done) = tasks.join_next().await {
-        total.merge(done.map_err(|e| super::BenchError::Task(e.to_string()))?);
-    }
-    Ok((total, started.elapsed()))
+    let messages = plan.messages;
+    super::run_slots(slots, messages, |s| slot(plan.clone(), s)).await
 }
 
 /// One slot: one socket, one request in flight, until no message is left.
 async fn slot(plan: Arc<CoapPlan>, s: u64) -> Tally {
     let mut tally = Tally::default();
-    let mut sock: Option<UdpSocket> = None;
+    let mut link: Option<Plain> = None;
     let mut mid = first_mid();
-    let mut jitter = Jitter(u64::from(mid) << 16 | (s & 0xFFFF) | 1);
+    let mut jitter = Jitter::new(mid, s);
     let mut request = Vec::new();
     let mut body = Vec::new();
-    let mut buf = vec![0u8; MAX_ANSWER];
     let devices = plan.templates.len() as u64;
     for n in 0u32.. {
         let i = plan.next.fetch_add(1, Ordering::Relaxed);
@@ -198,16 +192,21 @@ async fn slot(plan: Arc<CoapPlan>, s: u64) -> Tally {
             break;
         }
         tally.sent += 1;
-        if sock.is_none() {
+        if link.is_none() {
             match open(plan.addr).await {
-                Ok(s) => sock = Some(s),
+                Ok(sock) => {
+                    link = Some(Plain {
+                        sock,
+                        buf: vec![0u8; MAX_ANSWER],
+                    });
+                }
                 Err(e) => {
                     tally.failure("io", || format!("cannot open a UDP socket: {e}"));
                     continue;
                 }
             }
         }
-        let Some(s) = sock.as_ref() else { continue };
+        let Some(l) = link.as_mut() else { continue };
         let template = usize::try_from(i % devices.max(1))
             .ok()
             .and_then(|d| plan.templates.get(d))
@@ -217,79 +216,132 @@ async fn slot(plan: Arc<CoapPlan>, s: u64) -> Tally {
         let token = n.to_be_bytes();
         write_request(&mut request, template, mid, token, &body);
         let now = Instant::now();
-        let mut x = Exchange::new(mid, token, now, jitter.next());
-        let mut step = match s.send(&request).await {
-            Ok(_) => Step::Wait,
-            Err(e) => Step::Failed(e),
-        };
-        loop {
-            match step {
-                Step::Wait => {}
-                Step::Resend => {
-                    if let Err(e) = s.send(&request).await {
-                        step = Step::Failed(e);
-                        continue;
-                    }
-                }
-                Step::Ack(their_mid) => {
-                    let [hi, lo] = their_mid.to_be_bytes();
-                    let _ = s.send(&[0x60, 0x00, hi, lo]).await;
-                }
-                Step::Answered { code, ack } => {
-                    if let Some(their_mid) = ack {
-                        let [hi, lo] = their_mid.to_be_bytes();
-                        let _ = s.send(&[0x60, 0x00, hi, lo]).await;
-                    }
-                    if code == MessageClass::Response(ResponseType::Changed) {
-                        tally.ok += 1;
-                        let us = now.elapsed().as_micros();
-                        tally.samples_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                    } else {
-                        tally.error(code.to_string());
-                    }
-                    break;
-                }
-                Step::Reset => {
-                    tally.failure("reset", || "the gateway reset a request (RST)".into());
-                    break;
-                }
-                Step::GiveUp => {
-                    tally.failure("timeout", || {
-                        format!("no answer after {MAX_RETRANSMIT} retransmissions")
-                    });
-                    break;
-                }
-                Step::Failed(e) => {
-                    let cause = match e.kind() {
-                        std::io::ErrorKind::ConnectionRefused => "refused",
-                        _ => "io",
-                    };
-                    tally.failure(cause, || format!("i/o: {e}"));
-                    break;
-                }
-            }
-            step = match tokio::time::timeout_at(x.deadline(), s.recv(&mut buf)).await {
-                Ok(Ok(len)) => x.on_datagram(&buf[..len], Instant::now()),
-                Ok(Err(e)) => Step::Failed(e),
-                Err(_) => x.on_timeout(Instant::now()),
-            };
-        }
+        let x = Exchange::new(mid, token, now, jitter.next());
+        // The socket is kept whatever happens, as a device would keep its
+        // own.
+        exchange(l, &request, x, now, &mut tally).await;
     }
     tally
 }
 
-async fn open(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// Where a slot's CoAP messages travel: a plain UDP socket here, a DTLS
+/// session for coaps.
+pub(super) trait Datagrams {
+    /// Sends one CoAP message.
+    async fn send(&mut self, msg: &[u8]) -> std::io::Result<()>;
+    /// The next CoAP message to arrive, or `None` when `deadline` passes
+    /// first. A peer that closed the transport is `ConnectionAborted`.
+    async fn recv(&mut self, deadline: Instant) -> std::io::Result<Option<&[u8]>>;
+}
+
+/// A connected UDP socket and its receive buffer.
+struct Plain {
+    sock: UdpSocket,
+    buf: Vec<u8>,
+}
+
+impl Datagrams for Plain {
+    async fn send(&mut self, msg: &[u8]) -> std::io::Result<()> {
+        self.sock.send(msg).await.map(drop)
+    }
+
+    async fn recv(&mut self, deadline: Instant) -> std::io::Result<Option<&[u8]>> {
+        match tokio::time::timeout_at(deadline, self.sock.recv(&mut self.buf)).await {
+            Ok(Ok(len)) => Ok(self.buf.get(..len)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// Runs the exchange `x` of `request` (first sent at `sent_at`) over
+/// `link` until it is answered or given up, and counts its outcome in
+/// `tally`. Returns whether the link failed or went silent (the caller may
+/// replace it: a DTLS session the gateway dropped answers nothing).
+pub(super) async fn exchange(
+    link: &mut impl Datagrams,
+    request: &[u8],
+    mut x: Exchange,
+    sent_at: Instant,
+    tally: &mut Tally,
+) -> bool {
+    let mut step = match link.send(request).await {
+        Ok(()) => Step::Wait,
+        Err(e) => Step::Failed(e),
+    };
+    loop {
+        match step {
+            Step::Wait => {}
+            Step::Resend => {
+                if let Err(e) = link.send(request).await {
+                    step = Step::Failed(e);
+                    continue;
+                }
+            }
+            Step::Ack(their_mid) => {
+                let [hi, lo] = their_mid.to_be_bytes();
+                let _ = link.send(&[0x60, 0x00, hi, lo]).await;
+            }
+            Step::Answered { code, ack } => {
+                if let Some(their_mid) = ack {
+                    let [hi, lo] = their_mid.to_be_bytes();
+                    let _ = link.send(&[0x60, 0x00, hi, lo]).await;
+                }
+                if code == MessageClass::Response(ResponseType::Changed) {
+                    tally.ok += 1;
+                    let us = sent_at.elapsed().as_micros();
+                    tally.samples_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                } else {
+                    tally.error(code.to_string());
+                }
+                return false;
+            }
+            Step::Reset => {
+                tally.failure("reset", || "the gateway reset a request (RST)".into());
+                return false;
+            }
+            Step::GiveUp => {
+                tally.failure("timeout", || {
+                    format!("no answer after {MAX_RETRANSMIT} retransmissions")
+                });
+                return true;
+            }
+            Step::Failed(e) => {
+                let cause = match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => "refused",
+                    std::io::ErrorKind::ConnectionAborted => "closed",
+                    _ => "io",
+                };
+                tally.failure(cause, || format!("i/o: {e}"));
+                return true;
+            }
+        }
+        step = match link.recv(x.deadline()).await {
+            Ok(Some(d)) => x.on_datagram(d, Instant::now()),
+            Ok(None) => x.on_timeout(Instant::now()),
+            Err(e) => Step::Failed(e),
+        };
+    }
+}
+
+/// A UDP socket on an ephemeral port, connected to `addr`.
+pub(super) async fn open(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = UdpSocket::bind(unspecified(addr)).await?;
     s.connect(addr).await?;
     Ok(s)
 }
 
 /// xorshift for retransmission jitter; not for secrets.
-struct Jitter(u64);
+pub(super) struct Jitter(u64);
 
 impl Jitter {
+    /// A sequence seeded by a slot's first message id and its number.
+    pub(super) fn new(mid: u16, slot: u64) -> Self {
+        Self(u64::from(mid) << 16 | (slot & 0xFFFF) | 1)
+    }
+
     /// The next value in 0..1.
-    fn next(&mut self) -> f64 {
+    pub(super) fn next(&mut self) -> f64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -431,7 +483,7 @@ mod tests {
 
     #[test]
     fn requests_patch_the_template_as_coap_lite_would_encode_them() {
-        let template = request_template("tok-1").unwrap();
+        let template = request_template(Some("tok-1")).unwrap();
         let mut body = Vec::new();
         write_body(&mut body, 42, 100);
         let mut wire = Vec::new();

@@ -57,6 +57,22 @@ fn boot_time(stat: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Clock ticks per second of `/proc`'s CPU times.
+fn ticks_per_second() -> f64 {
+    rustix::param::clock_ticks_per_second().max(1) as f64
+}
+
+/// User + system CPU time process `pid` has used so far, in seconds (for
+/// `sluice bench`, which reads the gateway's before and after a run).
+/// `None` when `/proc/PID/stat` cannot be read (no such process, not
+/// Linux) or is not understood.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut s = ProcSample::default();
+    parse_stat(&stat, &mut s)?;
+    Some(s.cpu_ticks as f64 / ticks_per_second())
+}
+
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -89,7 +105,7 @@ pub(crate) fn render(out: &mut String) {
         &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
         &mut s,
     );
-    let ticks = rustix::param::clock_ticks_per_second().max(1) as f64;
+    let ticks = ticks_per_second();
 
     head(
         out,
@@ -187,6 +203,14 @@ mod tests {
         );
         assert_eq!(s.resident_bytes, 9344 * 1024);
         assert_eq!(s.virtual_bytes, 100 * 1024);
+    }
+
+    #[test]
+    fn cpu_seconds_are_read_for_a_live_process_only() {
+        let spent = cpu_seconds(std::process::id()).unwrap();
+        assert!(spent >= 0.0, "{spent}");
+        // Above the kernel's pid_max: no such process.
+        assert_eq!(cpu_seconds(u32::MAX), None);
     }
 
     #[test]
