@@ -806,3 +806,32 @@ fn fifty_concurrent_sessions_cost_little_memory_each() {
     clients.kill_all();
     assert_eq!(gw.stop(), Some(0));
 }
+
+#[test]
+fn handshakes_survive_lost_client_datagrams() {
+    // libcoap's `-l N,M` drops the client's Nth and Mth datagrams: 1 the
+    // first ClientHello, 2 the one with the cookie, 3 the ClientKeyExchange
+    // + Finished flight. The client's retransmission timer must bring each
+    // handshake through (the gateway answers repeats; it keeps no timer).
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut gw, addr) = started_with_dev_a(tmp.path());
+    let tel = url(&addr, "telemetry");
+    let cases = [
+        (OPENSSL, "2,3"),
+        (GNUTLS, "1,3"),
+        (OPENSSL, "1"),
+        (GNUTLS, "2"),
+    ];
+    for (i, (lib, lost)) in cases.iter().enumerate() {
+        let mut args = DEV_A.args().to_vec();
+        let body = format!(r#"{{"n":{i}}}"#);
+        args.extend(["-v", "6", "-l", lost, "-m", "post", "-e", &body, &tel]);
+        let o = client(lib, &args);
+        assert!(answered(&o, "2.04"), "{lib} -l {lost}: {}", text(&o));
+    }
+    let c = coaps(&gw);
+    assert_eq!(c["handshakes"], 4, "{c}");
+    assert_eq!(c["handshake_errors"], 0, "{c}");
+    assert_eq!(peek_all(&gw).len(), 4);
+    assert_eq!(gw.stop(), Some(0));
+}
