@@ -35,8 +35,9 @@ pub struct PskClient {
     master: [u8; 48],
     seq0: u64,
     seq1: u64,
-    /// The last flight, for [`PskClient::retransmit`].
-    last_flight: Vec<u8>,
+    /// The last flight's records (content type, epoch, plaintext), sent
+    /// again with fresh record numbers by [`PskClient::retransmit`].
+    last_flight: Vec<(u8, u16, Vec<u8>)>,
     read: Option<Protection>,
     write: Option<Protection>,
     replay: ReplayWindow,
@@ -102,16 +103,36 @@ impl PskClient {
     }
 
     fn send_flight(&mut self, msg: Vec<u8>) {
-        let seq = self.seq0;
-        self.seq0 += 1;
-        self.last_flight = record_bytes(CT_HANDSHAKE, DTLS12, 0, seq, &msg);
-        self.tx.push_back(self.last_flight.clone());
+        self.last_flight = vec![(CT_HANDSHAKE, 0, msg)];
+        if let Err(e) = self.emit_flight() {
+            tracing::debug!(error = %e, "DTLS client flight not sent");
+        }
+    }
+
+    /// Queues the last flight as one datagram, every record with a new
+    /// sequence number (RFC 6347 §4.2.4: a repeat is not a replay).
+    fn emit_flight(&mut self) -> Result<(), DtlsError> {
+        let mut d = Vec::new();
+        for (ct, epoch, plain) in &self.last_flight {
+            if *epoch == 0 {
+                d.extend_from_slice(&record_bytes(*ct, DTLS12, 0, self.seq0, plain));
+                self.seq0 += 1;
+            } else {
+                let w = self.write.as_ref().ok_or(DtlsError::Internal("no keys"))?;
+                d.extend_from_slice(&w.seal(*ct, *epoch, self.seq1, plain)?);
+                self.seq1 += 1;
+            }
+        }
+        self.tx.push_back(d);
+        Ok(())
     }
 
     /// Queues the last flight again (the caller's timer fired).
     pub fn retransmit(&mut self) {
-        if !matches!(self.state, State::Established | State::Closed) {
-            self.tx.push_back(self.last_flight.clone());
+        if !matches!(self.state, State::Established | State::Closed)
+            && let Err(e) = self.emit_flight()
+        {
+            tracing::debug!(error = %e, "DTLS client flight not sent again");
         }
     }
 
@@ -301,15 +322,12 @@ impl PskClient {
         prf(&self.master, b"client finished", &[h.as_ref()], &mut verify);
         let fin = handshake_msg(HS_FINISHED, cke_seq.wrapping_add(1), &verify);
         self.transcript.extend_from_slice(&fin);
-        let seq = self.seq0;
-        self.seq0 += 2;
-        let mut d = record_bytes(CT_HANDSHAKE, DTLS12, 0, seq, &cke);
-        d.extend_from_slice(&record_bytes(CT_CCS, DTLS12, 0, seq + 1, &[1]));
-        let w = self.write.as_ref().ok_or(DtlsError::Internal("no keys"))?;
-        d.extend_from_slice(&w.seal(CT_HANDSHAKE, 1, 0, &fin)?);
-        self.seq1 = 1;
-        self.last_flight = d.clone();
-        self.tx.push_back(d);
+        self.last_flight = vec![
+            (CT_HANDSHAKE, 0, cke),
+            (CT_CCS, 0, vec![1]),
+            (CT_HANDSHAKE, 1, fin),
+        ];
+        self.emit_flight()?;
         self.state = State::AwaitFinished;
         Ok(())
     }

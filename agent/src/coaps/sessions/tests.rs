@@ -412,3 +412,31 @@ fn per_session_memory() {
         (after - before) * 1024 / u64::from(n)
     );
 }
+
+#[test]
+fn a_lost_last_flight_is_sent_again_when_the_client_repeats_its_finished() {
+    let mut w = World::new(limits());
+    let mut c = PskClient::new(b"dev-one", KEY).unwrap();
+    // Hello, HelloVerifyRequest, hello with cookie, ServerHello flight.
+    for _ in 0..2 {
+        let d = c.poll_transmit().unwrap();
+        w.feed(addr(1), &d);
+        for d in w.sent_to(addr(1)) {
+            c.on_datagram(&d, &mut Vec::new()).unwrap();
+        }
+    }
+    // Key exchange + Finished: the server is established, its
+    // ChangeCipherSpec + Finished is lost.
+    w.feed(addr(1), &c.poll_transmit().unwrap());
+    assert_eq!(w.t.device_of(addr(1)), Some(&DeviceName::new("d1")));
+    assert_eq!(w.sent_to(addr(1)).len(), 1, "the last flight (lost)");
+    assert!(!c.established());
+    // The client's timer fires: the same flight, new record numbers.
+    c.retransmit();
+    w.feed(addr(1), &c.poll_transmit().unwrap());
+    let again = w.sent_to(addr(1));
+    assert_eq!(again.len(), 1, "the last flight again");
+    c.on_datagram(&again[0], &mut Vec::new()).unwrap();
+    assert!(c.established());
+    assert_eq!(w.count(&w.stats.handshakes), 1);
+}
