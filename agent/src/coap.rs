@@ -208,6 +208,17 @@ impl Observers {
         0
     }
 
+    /// Drops every registration of `peer` (its DTLS session ended: the
+    /// next session is a new endpoint and must register again).
+    fn forget_peer(&self, peer: SocketAddr) {
+        if let Ok(mut g) = self.by_device.lock() {
+            g.retain(|_, list| {
+                list.retain(|o| o.peer != peer);
+                !list.is_empty()
+            });
+        }
+    }
+
     fn deregister(&self, device: &DeviceName, peer: SocketAddr, token: &[u8]) {
         if let Ok(mut g) = self.by_device.lock()
             && let Some(list) = g.get_mut(device)
@@ -493,7 +504,7 @@ async fn run(
                         // Decrypt the batch under the table's lock, then
                         // serve the CoAP inside without it.
                         let now = Instant::now();
-                        let out = {
+                        let (out, ended) = {
                             let Ok(mut t) = d.table.lock() else { break };
                             if let Ok((n, peer)) = r {
                                 t.datagram(now, peer, &buf[..n], &authorize, &mut deliveries);
@@ -506,8 +517,11 @@ async fn run(
                                     Err(_) => break,
                                 }
                             }
-                            crate::coaps::drain(&mut t)
+                            (crate::coaps::drain(&mut t), t.take_ended())
                         };
+                        for peer in ended {
+                            ctx.observers.forget_peer(peer);
+                        }
                         crate::coaps::send_all(&sock, out).await;
                         for m in deliveries.drain(..) {
                             server.datagram(&m.data, m.peer, Some(m.device)).await;
@@ -528,20 +542,25 @@ async fn run(
                 let (out, gone) = {
                     let Ok(mut t) = d.table.lock() else { break };
                     let gone = t.recheck(&authorize);
+                    drop(t.take_ended());
                     (crate::coaps::drain(&mut t), gone)
                 };
                 for (peer, device) in gone {
+                    ctx.observers.forget_peer(peer);
                     tracing::info!(%peer, %device, "coaps session closed: device revoked or its key changed");
                 }
                 crate::coaps::send_all(&sock, out).await;
             },
             _ = tick.tick() => {
                 if let Some(d) = &dtls {
-                    let out = {
+                    let (out, ended) = {
                         let Ok(mut t) = d.table.lock() else { break };
                         t.tick(Instant::now());
-                        crate::coaps::drain(&mut t)
+                        (crate::coaps::drain(&mut t), t.take_ended())
                     };
+                    for peer in ended {
+                        ctx.observers.forget_peer(peer);
+                    }
                     crate::coaps::send_all(&sock, out).await;
                 }
                 server.tick().await;

@@ -106,6 +106,17 @@ pub struct Delivery {
 /// current key; `None` when no active device has it.
 pub type Authorize<'a> = &'a dyn Fn(&[u8]) -> Option<(DeviceName, [u8; 32])>;
 
+/// The device `session` may speak for: its identity's device, provided the
+/// registry still has the key the handshake used (it may have been rotated
+/// while the handshake ran).
+fn binding<S: DtlsSession>(
+    session: &S,
+    authorize: Authorize<'_>,
+) -> Option<(DeviceName, [u8; 32])> {
+    let bound = session.identity().and_then(authorize)?;
+    (Some(bound.1) == session.psk_digest()).then_some(bound)
+}
+
 fn count_failure(stats: &DtlsStats, e: &DtlsError) {
     match e {
         DtlsError::AuthFailed => inc(&stats.auth_failures),
@@ -162,6 +173,9 @@ pub struct Sessions<A: DtlsAcceptor> {
     half: HalfOpen,
     /// Established (bound) entries.
     bound: usize,
+    /// Peers whose established session ended or was replaced since the
+    /// last [`Sessions::take_ended`].
+    ended: Vec<SocketAddr>,
     tx: VecDeque<(SocketAddr, Vec<u8>)>,
     stats: std::sync::Arc<DtlsStats>,
     throttle: Option<std::sync::Arc<crate::throttle::AuthThrottle>>,
@@ -182,6 +196,7 @@ impl<A: DtlsAcceptor> Sessions<A> {
             table: HashMap::new(),
             half: HalfOpen::default(),
             bound: 0,
+            ended: Vec::new(),
             tx: VecDeque::new(),
             stats,
             throttle: None,
@@ -329,18 +344,20 @@ impl<A: DtlsAcceptor> Sessions<A> {
                     self.half.closed(peer.ip());
                     inc(&self.stats.replaced);
                     inc(&self.stats.handshakes);
-                    let Some(bound) = cand.session.identity().and_then(authorize) else {
+                    let Some(bound) = binding(&cand.session, authorize) else {
                         // Nobody to attribute it to: drop both.
                         inc(&self.stats.unbound);
                         cand.session.close();
                         Self::drain(&mut self.tx, peer, &mut cand.session);
                         self.table.remove(&peer);
                         self.bound -= 1;
+                        self.ended.push(peer);
                         return;
                     };
                     tracing::info!(%peer, device = %bound.0, suite = cand.session.suite(),
                         "coaps session replaced by a new handshake from the same address");
                     entry.session = cand.session;
+                    self.ended.push(peer);
                     entry.bound = Some(bound);
                     entry.deadline = now + self.limits.idle_timeout;
                     return;
@@ -361,6 +378,7 @@ impl<A: DtlsAcceptor> Sessions<A> {
         if let Err(e) = r {
             if entry.bound.is_some() {
                 self.bound -= 1;
+                self.ended.push(peer);
             }
             if !was_established {
                 self.half.closed(peer.ip());
@@ -381,7 +399,7 @@ impl<A: DtlsAcceptor> Sessions<A> {
             let Some(entry) = self.table.get_mut(&peer) else {
                 return;
             };
-            match entry.session.identity().and_then(authorize) {
+            match binding(&entry.session, authorize) {
                 Some(bound) => {
                     tracing::debug!(%peer, device = %bound.0, suite = entry.session.suite(),
                         "coaps session established");
@@ -470,6 +488,13 @@ impl<A: DtlsAcceptor> Sessions<A> {
         }
     }
 
+    /// The peers whose established session ended or was replaced since
+    /// the last call: their CoAP state (Observe registrations) belonged to
+    /// that session (RFC 7252 §9.1: the DTLS session is the endpoint).
+    pub fn take_ended(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.ended)
+    }
+
     /// Protects a CoAP message for `peer`'s established session.
     ///
     /// Fails when there is none or the message is too large.
@@ -515,6 +540,7 @@ impl<A: DtlsAcceptor> Sessions<A> {
             if let Some(mut e) = self.table.remove(&peer) {
                 if e.bound.is_some() {
                     self.bound -= 1;
+                    self.ended.push(peer);
                     inc(&self.stats.idle_closed);
                     e.session.close();
                     Self::drain(&mut self.tx, peer, &mut e.session);
@@ -533,7 +559,7 @@ impl<A: DtlsAcceptor> Sessions<A> {
         let mut gone = Vec::new();
         for (peer, e) in &self.table {
             let Some(bound) = &e.bound else { continue };
-            let now = e.session.identity().and_then(authorize);
+            let now = binding(&e.session, authorize);
             if now.as_ref() != Some(bound) {
                 gone.push((*peer, bound.0.clone()));
             }
@@ -541,6 +567,7 @@ impl<A: DtlsAcceptor> Sessions<A> {
         for (peer, _) in &gone {
             if let Some(mut e) = self.table.remove(peer) {
                 self.bound -= 1;
+                self.ended.push(*peer);
                 inc(&self.stats.revoked);
                 e.session.close();
                 Self::drain(&mut self.tx, *peer, &mut e.session);
@@ -556,6 +583,9 @@ impl<A: DtlsAcceptor> Sessions<A> {
     /// Closes every session (close_notify to the established ones).
     pub fn close_all(&mut self) {
         for (peer, mut e) in std::mem::take(&mut self.table) {
+            if e.bound.is_some() {
+                self.ended.push(peer);
+            }
             e.session.close();
             Self::drain(&mut self.tx, peer, &mut e.session);
         }

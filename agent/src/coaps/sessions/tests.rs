@@ -440,3 +440,43 @@ fn a_lost_last_flight_is_sent_again_when_the_client_repeats_its_finished() {
     assert!(c.established());
     assert_eq!(w.count(&w.stats.handshakes), 1);
 }
+
+#[test]
+fn a_key_rotated_during_the_handshake_does_not_bind_the_session() {
+    let mut w = World::new(limits());
+    let mut c = PskClient::new(b"dev-one", KEY).unwrap();
+    for _ in 0..2 {
+        let d = c.poll_transmit().unwrap();
+        w.feed(addr(1), &d);
+        for d in w.sent_to(addr(1)) {
+            c.on_datagram(&d, &mut Vec::new()).unwrap();
+        }
+    }
+    // The registry now has another key for dev-one (rotate-psk ran); the
+    // handshake on the old key completes but binds to nobody.
+    w.devices.insert(
+        b"dev-one".to_vec(),
+        (DeviceName::new("d1"), b"rotated".to_vec()),
+    );
+    w.feed(addr(1), &c.poll_transmit().unwrap());
+    assert!(w.t.is_empty());
+    assert_eq!(w.count(&w.stats.unbound), 1);
+    assert_eq!(w.count(&w.stats.established), 0);
+}
+
+#[test]
+fn ended_and_replaced_sessions_are_reported_for_their_coap_state() {
+    let mut w = World::new(limits());
+    let mut one = PskClient::new(b"dev-one", KEY).unwrap();
+    assert!(w.handshake(addr(1), &mut one));
+    assert!(w.t.take_ended().is_empty());
+    // A reboot from the same address: the old session's state goes.
+    let mut again = PskClient::new(b"dev-one", KEY).unwrap();
+    assert!(w.handshake(addr(1), &mut again));
+    assert_eq!(w.t.take_ended(), vec![addr(1)]);
+    // The peer closes; then nothing more to report.
+    again.close();
+    w.feed(addr(1), &again.poll_transmit().unwrap());
+    assert_eq!(w.t.take_ended(), vec![addr(1)]);
+    assert!(w.t.take_ended().is_empty());
+}
