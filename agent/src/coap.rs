@@ -1178,7 +1178,10 @@ impl Server<'_> {
             .unwrap_or(0);
         let (base, len) = sluice_firmware::chunk_range(img.size, chunk_size, chunk);
         let default_szx = self.ctx.config.block_szx;
+        let max = self.ctx.config.max_block_szx;
         let (num, szx) = match req.block2 {
+            // Smaller blocks than asked, at the same offset (RFC 7959 §2.4).
+            Some(b) if b.szx.min(6) > max => (b.num << (b.szx.min(6) - max), max),
             Some(b) => (b.num, b.szx.min(6)),
             None => (0, default_szx),
         };

@@ -612,6 +612,15 @@ pub struct CoapsListenerConfig {
     pub mtu: usize,
 }
 
+/// The largest Block2 SZX whose answers fit one DTLS record within `mtu`:
+/// record overhead up to 37 bytes (header, explicit nonce, 16-byte tag),
+/// 48 for the CoAP header, token and options.
+fn coaps_max_szx(mtu: usize) -> u8 {
+    let budget = mtu.saturating_sub(37 + 48).max(16);
+    let block = 1usize << budget.ilog2();
+    u8::try_from(block.trailing_zeros().saturating_sub(4)).map_or(6, |s| s.min(6))
+}
+
 fn validate_coaps(
     c: &RawCoaps,
     coap: Option<&RawCoap>,
@@ -647,7 +656,12 @@ fn validate_coaps(
             .ok_or_else(|| invalid(key, "is not a positive duration like \"10s\""))
     };
     Ok(CoapsListenerConfig {
-        coap: CoapListenerConfig { bind, ..limits },
+        coap: CoapListenerConfig {
+            bind,
+            block_szx: limits.block_szx.min(coaps_max_szx(c.mtu)),
+            max_block_szx: coaps_max_szx(c.mtu),
+            ..limits
+        },
         limits: crate::coaps::sessions::Limits {
             max_sessions: c.max_sessions,
             max_handshakes: c.max_handshakes,
@@ -712,6 +726,9 @@ pub struct CoapListenerConfig {
     pub max_body: usize,
     /// SZX of default Block2 answers.
     pub block_szx: u8,
+    /// Largest Block2 SZX answered (6 = 1024 bytes; coaps: what fits the
+    /// MTU). A client asking for larger blocks gets these (RFC 7959 §2.4).
+    pub max_block_szx: u8,
     /// Dedup cap per endpoint.
     pub dedup_per_endpoint: usize,
     /// Dedup cap in all.
@@ -792,6 +809,7 @@ fn validate_coap(c: &RawCoap) -> Result<CoapListenerConfig, ConfigError> {
         bind,
         max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
         block_szx: u8::try_from(block.trailing_zeros().saturating_sub(4)).unwrap_or(6),
+        max_block_szx: 6,
         dedup_per_endpoint: c.dedup_per_endpoint,
         dedup_max: c.dedup_max,
         separate_after,
@@ -2115,6 +2133,41 @@ mod tests {
             ))
             .unwrap_err();
             assert!(e.to_string().starts_with(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_coaps_listener_shares_the_coap_limits_and_fits_blocks_to_its_mtu() {
+        let c = raw(
+            "[gateway]\nid = \"g\"\n[listeners.coap]\nmax_body = \"1KiB\"\n[listeners.coaps]\n",
+        )
+        .unwrap()
+        .coaps
+        .unwrap();
+        assert_eq!(c.coap.bind.port(), 5684);
+        assert_eq!(c.coap.max_body, 1024, "from [listeners.coap]");
+        assert_eq!(
+            (c.mtu, c.coap.block_szx, c.coap.max_block_szx),
+            (1200, 6, 6)
+        );
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(1800));
+        let c = raw("[gateway]\nid = \"g\"\n[listeners.coaps]\nmtu = 256\n")
+            .unwrap()
+            .coaps
+            .unwrap();
+        // 256 - 85 = 171 bytes: 128-byte blocks (SZX 3).
+        assert_eq!((c.coap.block_szx, c.coap.max_block_szx), (3, 3));
+        for (body, key) in [
+            ("mtu = 100", "listeners.coaps.mtu:"),
+            ("max_handshakes = 0", "listeners.coaps.max_handshakes:"),
+            ("idle_timeout = \"0s\"", "listeners.coaps.idle_timeout:"),
+            ("bind = \"nope\"", "listeners.coaps.bind:"),
+        ] {
+            let e = raw(&format!(
+                "[gateway]\nid = \"g\"\n[listeners.coaps]\n{body}\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().starts_with(key), "{body}: {e}");
         }
     }
 

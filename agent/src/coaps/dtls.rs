@@ -852,11 +852,6 @@ impl PskSession {
         Err(e)
     }
 
-    /// The client's random (tells a retransmitted hello from a new one).
-    pub fn client_random(&self) -> &[u8; 32] {
-        &self.client_random
-    }
-
     fn key_exchange(&mut self, msg: &Handshake<'_>) -> Result<(), DtlsError> {
         let mut r = Reader(msg.body);
         let identity = r

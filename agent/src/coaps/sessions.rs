@@ -508,11 +508,6 @@ impl<A: DtlsAcceptor> Sessions<A> {
         Ok(())
     }
 
-    /// The largest CoAP message [`Sessions::write`] takes for `peer`.
-    pub fn max_plaintext(&self, peer: SocketAddr) -> Option<usize> {
-        self.table.get(&peer).map(|e| e.session.max_plaintext())
-    }
-
     /// Drops half-open sessions past their deadline and established ones
     /// idle too long.
     pub fn tick(&mut self, now: Instant) {
