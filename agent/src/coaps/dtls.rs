@@ -731,6 +731,8 @@ pub struct PskSession {
     write: Option<Protection>,
     replay: ReplayWindow,
     tx: VecDeque<Vec<u8>>,
+    /// Records dropped since [`DtlsSession::take_dropped`].
+    dropped: u64,
 }
 
 impl PskServer {
@@ -771,6 +773,7 @@ impl PskServer {
             write: None,
             replay: ReplayWindow::default(),
             tx: VecDeque::new(),
+            dropped: 0,
         };
         // DTLS versions count down: 1.2 is 0xfefd, 1.0 0xfeff.
         if u16::from_be_bytes(hello.version) > u16::from_be_bytes(DTLS12) {
@@ -953,6 +956,7 @@ impl PskSession {
         match rec.content_type {
             CT_HANDSHAKE => {
                 let Ok(msgs) = handshakes(rec.body) else {
+                    self.dropped += 1;
                     return Ok(());
                 };
                 for msg in msgs {
@@ -992,9 +996,11 @@ impl PskSession {
 
     fn epoch1(&mut self, rec: &Record<'_>, app: &mut Vec<Vec<u8>>) -> Result<(), DtlsError> {
         let Some(read) = &self.read else {
+            self.dropped += 1;
             return Ok(()); // keys not there yet: a reordered record, dropped
         };
         if !self.replay.fresh(rec.seq) {
+            self.dropped += 1;
             return Ok(());
         }
         let Some(plain) = read.open(rec) else {
@@ -1003,6 +1009,7 @@ impl PskSession {
                 self.plain_alert(ALERT_BAD_RECORD_MAC);
                 return self.fail(DtlsError::AuthFailed);
             }
+            self.dropped += 1;
             return Ok(()); // RFC 6347 §4.1.2.7: drop silently
         };
         self.replay.mark(rec.seq);
@@ -1056,10 +1063,12 @@ impl DtlsSession for PskSession {
         // must not end the session: such datagrams and records are dropped
         // (RFC 6347 §4.1.2.7).
         let Ok(recs) = records(datagram) else {
+            self.dropped += 1;
             return Ok(());
         };
         for rec in recs {
             if rec.version != DTLS12 && rec.version != DTLS10 {
+                self.dropped += 1;
                 continue;
             }
             match rec.epoch {
@@ -1073,6 +1082,10 @@ impl DtlsSession for PskSession {
 
     fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.tx.pop_front()
+    }
+
+    fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 
     fn write(&mut self, plaintext: &[u8]) -> Result<(), DtlsError> {

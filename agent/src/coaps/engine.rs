@@ -69,6 +69,9 @@ pub trait DtlsSession: Send {
     fn on_datagram(&mut self, datagram: &[u8], app: &mut Vec<Vec<u8>>) -> Result<(), DtlsError>;
     /// The next datagram to send to the peer.
     fn poll_transmit(&mut self) -> Option<Vec<u8>>;
+    /// Records dropped (unparseable, not authentic, replayed) since the
+    /// last call; the session went on.
+    fn take_dropped(&mut self) -> u64;
     /// Protects `plaintext` (one datagram's worth) for the peer.
     fn write(&mut self, plaintext: &[u8]) -> Result<(), DtlsError>;
     /// Queues close_notify (when established) and closes.

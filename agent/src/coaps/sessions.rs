@@ -85,6 +85,9 @@ pub struct DtlsStats {
     pub established: AtomicU64,
     /// CoAP answers larger than one record within the MTU (not sent).
     pub too_large: AtomicU64,
+    /// Records of live sessions dropped: unparseable, not authentic (a
+    /// spoofed or corrupted datagram) or replayed.
+    pub dropped_records: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -329,6 +332,9 @@ impl<A: DtlsAcceptor> Sessions<A> {
         if let Some(mut cand) = entry.candidate.take() {
             let mut app = Vec::new();
             let r = cand.session.on_datagram(bytes, &mut app);
+            self.stats
+                .dropped_records
+                .fetch_add(cand.session.take_dropped(), Ordering::Relaxed);
             Self::drain(&mut self.tx, peer, &mut cand.session);
             match r {
                 Err(e) => {
@@ -374,6 +380,9 @@ impl<A: DtlsAcceptor> Sessions<A> {
         let was_established = entry.session.established();
         let mut app = Vec::new();
         let r = entry.session.on_datagram(bytes, &mut app);
+        self.stats
+            .dropped_records
+            .fetch_add(entry.session.take_dropped(), Ordering::Relaxed);
         Self::drain(&mut self.tx, peer, &mut entry.session);
         if let Err(e) = r {
             if entry.bound.is_some() {

@@ -147,6 +147,11 @@ fn a_device_handshakes_after_a_cookie_and_its_coap_is_attributed_to_it() {
     bad[n - 1] ^= 1;
     assert!(w.feed(addr(1), &bad).is_empty());
     assert_eq!(w.t.device_of(addr(1)), Some(&DeviceName::new("d1")));
+    assert_eq!(
+        w.count(&w.stats.dropped_records),
+        2,
+        "the replay and the forgery"
+    );
 
     w.t.write(addr(1), b"coap answer").unwrap();
     let mut app = Vec::new();
