@@ -114,7 +114,9 @@ pub fn fuzz_dtls(data: &[u8]) {
         idle_timeout: std::time::Duration::from_secs(600),
     };
     let mut table = Sessions::new(server.clone(), jar, limits, Arc::new(DtlsStats::default()));
-    let auth = |id: &[u8]| (id == b"dev").then(|| (DeviceName::new("d"), [0u8; 32]));
+    let mut key_digest = [0u8; 32];
+    key_digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, b"key").as_ref());
+    let auth = |id: &[u8]| (id == b"dev").then(|| (DeviceName::new("d"), key_digest));
     let peer = SocketAddr::from(([192, 0, 2, 1], 5684));
     let stranger = SocketAddr::from(([192, 0, 2, 2], 5684));
     let mut out = Vec::new();
