@@ -357,10 +357,8 @@ impl CookieJar {
     ///
     /// Fails when the OS has no randomness.
     pub fn new(now: Instant, period_s: u64) -> Result<Self, DtlsError> {
-        let mut k = [0u8; 32];
-        getrandom::fill(&mut k).map_err(|_| DtlsError::Random)?;
         Ok(Self {
-            master: hmac::Key::new(hmac::HMAC_SHA256, &k),
+            master: random_hmac_key()?,
             start: now,
             period_s: period_s.max(1),
         })
@@ -421,6 +419,12 @@ impl CookieJar {
         let msg = handshake_msg(HS_HELLO_VERIFY, peek.msg_seq, &body);
         record_bytes(CT_HANDSHAKE, DTLS10, 0, peek.record_seq, &msg)
     }
+}
+
+/// A fresh random HMAC-SHA-256 key (cookies, keys for unknown identities).
+fn random_hmac_key() -> Result<hmac::Key, DtlsError> {
+    hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+        .map_err(|_| DtlsError::Random)
 }
 
 pub(crate) fn handshake_msg(msg_type: u8, msg_seq: u16, body: &[u8]) -> Vec<u8> {
@@ -674,11 +678,9 @@ impl PskServer {
     ///
     /// Fails when the OS has no randomness.
     pub fn new(lookup: PskLookup, mtu: usize) -> Result<Self, DtlsError> {
-        let mut k = [0u8; 32];
-        getrandom::fill(&mut k).map_err(|_| DtlsError::Random)?;
         Ok(Self {
             lookup,
-            dummy: hmac::Key::new(hmac::HMAC_SHA256, &k),
+            dummy: random_hmac_key()?,
             mtu,
         })
     }
