@@ -423,8 +423,9 @@ impl CookieJar {
 
 /// A fresh random HMAC-SHA-256 key (cookies, keys for unknown identities).
 fn random_hmac_key() -> Result<hmac::Key, DtlsError> {
-    hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
-        .map_err(|_| DtlsError::Random)
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k).map_err(|_| DtlsError::Random)?;
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &k))
 }
 
 pub(crate) fn handshake_msg(msg_type: u8, msg_seq: u16, body: &[u8]) -> Vec<u8> {
